@@ -1,0 +1,1546 @@
+"""A job orchestration server that speaks Inedo Otter's Job Orchestration API.
+
+Shell scripts and other tools trigger the named jobs of templates.toml, poll their status and read their logs:
+
+    GET|POST /api/jobs/trigger?template=NAME&key=KEY    -> the job token
+    GET|POST /api/jobs/status?token=TOKEN&key=KEY       -> Pending | Executing | Succeeded | Warning | Error
+    GET|POST /api/jobs/logs?token=TOKEN&key=KEY         -> one "LEVEL: message" line per log entry
+
+Extensions that Otter clients never see unless they ask: ``offset`` and ``wait`` on logs, ``wait`` on status,
+/api/jobs/cancel and /api/templates. Jobs live in SQLite (schema.sql, beside this file); a pool of worker
+threads runs them. Run ``python app.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import re
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import traceback
+import urllib.parse
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+#
+# Constants and status words.
+#
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_PATH = HERE / "schema.sql"
+
+PENDING, EXECUTING, SUCCEEDED, WARNING, ERROR = "Pending", "Executing", "Succeeded", "Warning", "Error"
+FINAL_STATUSES = frozenset({SUCCEEDED, WARNING, ERROR})
+LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")  # in rising severity
+STATUS_BY_WORST_LEVEL = {"DEBUG": SUCCEEDED, "INFO": SUCCEEDED, "WARN": WARNING, "ERROR": ERROR}
+
+API_PARAMETERS = ("template", "key", "token")
+BUILTIN_VARIABLES = ("JobToken", "TemplateName")
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
+# $Name, ${Name}, or $$ for a literal dollar sign.
+REFERENCE_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|\$)")
+# Names that change how programs run, refused as variables wherever they come from (compared in lower case).
+FORBIDDEN_NAMES = frozenset(
+    "path home shell user ifs env bash_env cdpath ps4 shellopts bashopts tmpdir".split()
+)
+FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_")
+FORBIDDEN_SUFFIXES = ("_proxy",)
+
+MAX_VALUE_BYTES = 8 * 1024
+MAX_VARIABLES = 100
+MAX_PARAMETERS = 200  # parsed at most, so that a flood of fields costs nothing
+MAX_WAIT_SECONDS = 60.0
+MAX_LINE_BYTES = 64 * 1024  # output without a newline is cut into entries of this size
+DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
+
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+LEFTOVER_GRACE = 1.0  # seconds a step's leftover processes may hold its output open after it exited
+CANCEL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job is canceled
+LOG_FLUSH_SECONDS = 0.05  # a running job's output reaches the database at least this often
+LOG_FLUSH_ENTRIES = 5000
+POLL_SECONDS = 0.1  # how often a running step looks at its deadline and at stop requests
+# Characters that some reader of a log could take for a line break, and NUL: never stored as they are.
+UNSAFE_CHARACTERS = re.compile("[\x00\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+#
+# Errors.
+#
+
+
+class ApiError(Exception):
+    """A request that cannot be served: an HTTP status and a short plain-text reason."""
+
+    def __init__(self, message: str, status: int = 400, headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.status, self.headers = message, status, headers or {}
+
+
+class TemplateError(Exception):
+    """A templates.toml that cannot be served, naming the file, the template and the field."""
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A request-supplied name, quoted, shortened and reduced to ASCII, fit to put in an error message."""
+    return ascii(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+#
+# Job templates.
+#
+
+TEMPLATE_FIELDS = frozenset(
+    "description key key_env api allow_new_variables timeout max_concurrent max_log_bytes variables steps".split()
+)
+STEP_FIELDS = frozenset(
+    "log run exec name level timeout continue_on_error cwd env stdout_level stderr_level".split()
+)
+VARIABLE_FIELDS = frozenset("default pattern required choices secret description".split())
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """A variable a template declares: its default and the rules a request's value must follow."""
+
+    name: str
+    default: str = ""
+    pattern: re.Pattern | None = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+    description: str = ""
+
+    def check(self, value: str) -> None:
+        """Refuse a request's value that breaks the rules; an empty value means "no value" and is checked later."""
+        if value == "":
+            return
+        if self.choices and value not in self.choices:
+            allowed = "the allowed choices" if self.secret else ", ".join(self.choices)
+            raise ApiError(f"Variable {self.name}: the value must be one of {allowed}")
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise ApiError(f"Variable {self.name}: the value does not match the pattern {self.pattern.pattern}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a template: a log entry, a /bin/sh script, or a program run without a shell."""
+
+    kind: str  # "log", "run" or "exec"
+    command: str | tuple[str, ...]
+    name: str = ""
+    level: str = "INFO"
+    timeout: float | None = None
+    continue_on_error: bool = False
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    stdout_level: str = "INFO"
+    stderr_level: str = "WARN"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTemplate:
+    """A named job definition from templates.toml, as one version of it."""
+
+    name: str
+    description: str
+    key_digest: str  # SHA-256 of the API key, "" when the template has none
+    api: bool
+    allow_new_variables: bool
+    timeout: float | None
+    max_concurrent: int | None
+    max_log_bytes: int
+    variables: dict[str, Variable]  # by lower-case name
+    steps: tuple[Step, ...]
+    definition: str  # the TOML table as canonical JSON, without the key: what the store keeps
+    version: int = 0  # the store's id for this definition
+
+    @property
+    def secrets(self) -> list[Variable]:
+        return [v for v in self.variables.values() if v.secret]
+
+
+class FieldReader:
+    """Reads typed fields out of one TOML table, naming the place in every error."""
+
+    def __init__(self, table, where: str, allowed: frozenset):
+        if not isinstance(table, dict):
+            raise TemplateError(f"{where}: must be a table")
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise TemplateError(f"{where}: unknown field {unknown[0]!r}")
+        self.table, self.where = table, where
+
+    def fail(self, field: str, reason: str):
+        raise TemplateError(f"{self.where}, {field}: {reason}")
+
+    def get(self, field: str, kinds, default=None, what: str = ""):
+        if field not in self.table:
+            return default
+        value, kinds = self.table[field], kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # TOML true is an int
+            self.fail(field, f"must be {what}")
+        return value
+
+    def text(self, field: str, default=None) -> str | None:
+        return self.get(field, str, default, "a string")
+
+    def flag(self, field: str, default: bool) -> bool:
+        return self.get(field, bool, default, "true or false")
+
+    def level(self, field: str, default: str) -> str:
+        value = self.text(field, default).upper()
+        if value not in LEVELS:
+            self.fail(field, f"must be one of {', '.join(LEVELS)}")
+        return value
+
+    def positive(self, field: str, kinds=(int, float)):
+        value = self.get(field, kinds, None, "a positive number")
+        if value is not None and value <= 0:
+            self.fail(field, "must be a positive number")
+        return value
+
+
+def variable_name_problem(name: str) -> str | None:
+    """Why a name cannot be a variable's, or None when it can."""
+    if not NAME_PATTERN.fullmatch(name):
+        return "is not a valid name (letters, digits and _, not starting with a digit, at most 50 characters)"
+    lowered = name.lower()
+    if lowered in API_PARAMETERS:
+        return "is reserved for the API's own parameter"
+    if lowered in (b.lower() for b in BUILTIN_VARIABLES):
+        return "is a built-in variable"
+    if lowered in FORBIDDEN_NAMES or lowered.startswith(FORBIDDEN_PREFIXES) or lowered.endswith(FORBIDDEN_SUFFIXES):
+        return "is reserved: it would change how programs run"
+    return None
+
+
+def scalar_text(value) -> str | None:
+    """A TOML scalar as the text a variable holds (true -> "true"), or None for tables, arrays and dates."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return None
+
+
+def parse_variable(name: str, spec, where: str) -> Variable:
+    problem = variable_name_problem(name)
+    if problem:
+        raise TemplateError(f"{where}: variable name {name!r} {problem}")
+    if not isinstance(spec, dict):
+        default = scalar_text(spec)
+        if default is None:
+            raise TemplateError(f"{where}: the default must be a string, number or boolean")
+        return Variable(name, default)
+    fields = FieldReader(spec, where, VARIABLE_FIELDS)
+    default = scalar_text(spec.get("default", ""))
+    if default is None:
+        fields.fail("default", "must be a string, number or boolean")
+    pattern = fields.text("pattern")
+    if pattern:
+        try:
+            pattern = re.compile(pattern)
+        except re.error as error:
+            fields.fail("pattern", f"is not a valid regular expression: {error}")
+    choices = fields.get("choices", list, [], "an array of strings")
+    if not all(isinstance(choice, str) for choice in choices):
+        fields.fail("choices", "must be an array of strings")
+    variable = Variable(
+        name, default, pattern or None, fields.flag("required", False), tuple(choices),
+        fields.flag("secret", False), fields.text("description", ""),
+    )
+    try:
+        variable.check(default)
+    except ApiError as error:
+        fields.fail("default", f"does not follow its own rules ({error.message})")
+    return variable
+
+
+def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
+    """One [[name.steps]] table; known_names is None when the template allows undeclared variables."""
+    fields = FieldReader(spec, where, STEP_FIELDS)
+    kinds = [kind for kind in ("log", "run", "exec") if kind in spec]
+    if len(kinds) != 1:
+        raise TemplateError(f"{where}: a step needs exactly one of log, run or exec")
+    kind = kinds[0]
+    if kind == "exec":
+        command = spec["exec"]
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            fields.fail("exec", "must be a non-empty array of strings")
+        command = tuple(command)
+        texts = command
+    else:
+        command = fields.text(kind)
+        texts = (command,) if kind == "log" else ()  # the shell expands run's variables itself
+    for text in texts:
+        for match in REFERENCE_PATTERN.finditer(text):
+            referenced = match.group(1) or match.group(2)
+            if referenced and known_names is not None and referenced.lower() not in known_names:
+                fields.fail(kind, f"refers to ${referenced}, which is neither declared nor built in")
+    env = fields.get("env", dict, {}, "a table of strings")
+    for env_name, env_value in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name) or scalar_text(env_value) is None:
+            fields.fail("env", f"{env_name!r} must be a valid name with a string value")
+    if "level" in spec and kind != "log":
+        fields.fail("level", "applies to log steps only")
+    return Step(
+        kind, command,
+        name=fields.text("name", ""),
+        level=fields.level("level", "INFO"),
+        timeout=fields.positive("timeout"),
+        continue_on_error=fields.flag("continue_on_error", False),
+        cwd=fields.text("cwd"),
+        env=tuple((k, scalar_text(v)) for k, v in env.items()),
+        stdout_level=fields.level("stdout_level", "INFO"),
+        stderr_level=fields.level("stderr_level", "WARN"),
+    )
+
+
+def parse_template(name: str, table, where: str) -> JobTemplate:
+    """Check one template's table and build it; every problem is a TemplateError naming the field."""
+    fields = FieldReader(table, where, TEMPLATE_FIELDS)
+    key, key_env = fields.text("key"), fields.text("key_env")
+    if key and key_env:
+        raise TemplateError(f"{where}: set key or key_env, not both")
+    if key_env:
+        key = os.environ.get(key_env)
+        if not key:
+            fields.fail("key_env", f"the environment variable {key_env} is not set")
+    variables: dict[str, Variable] = {}
+    for variable_name, spec in fields.get("variables", dict, {}, "a table").items():
+        variable = parse_variable(variable_name, spec, f"{where}, variables.{variable_name}")
+        if variable_name.lower() in variables:
+            raise TemplateError(f"{where}, variables.{variable_name}: declared twice (names ignore case)")
+        variables[variable_name.lower()] = variable
+    allow_new = fields.flag("allow_new_variables", False)
+    known = None if allow_new else set(variables) | {b.lower() for b in BUILTIN_VARIABLES}
+    step_specs = fields.get("steps", list, [], "an array of tables ([[name.steps]])")
+    steps = tuple(parse_step(spec, f"{where}, steps[{i}]", known) for i, spec in enumerate(step_specs))
+    max_log_bytes = fields.positive("max_log_bytes", int) or DEFAULT_MAX_LOG_BYTES
+    definition = {k: v for k, v in table.items() if k not in ("key", "key_env")}
+    return JobTemplate(
+        name=name,
+        description=fields.text("description", ""),
+        key_digest=key_digest(key) if key else "",
+        api=fields.flag("api", True),
+        allow_new_variables=allow_new,
+        timeout=fields.positive("timeout"),
+        max_concurrent=fields.positive("max_concurrent", int),
+        max_log_bytes=max_log_bytes,
+        variables=variables,
+        steps=steps,
+        definition=json.dumps(definition, sort_keys=True, default=str),
+    )
+
+
+def load_templates(path: str | Path) -> dict[str, JobTemplate]:
+    """Read and check templates.toml; a file with any problem is refused whole."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise TemplateError(f"{path}: cannot read: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise TemplateError(f"{path}: invalid TOML: {error}") from None
+    templates: dict[str, JobTemplate] = {}
+    for name, table in data.items():
+        if name.lower() in templates:
+            raise TemplateError(f"{path}: template {name!r} is defined twice (names ignore case)")
+        templates[name.lower()] = parse_template(name, table, f"{path}: template {name!r}")
+    return templates
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def key_matches(given: str | None, digest: str) -> bool:
+    """Whether a request's key opens a template with this key digest, compared in constant time."""
+    if not digest:
+        return True
+    return hmac.compare_digest(key_digest(given or ""), digest) and bool(given)
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """Replace $Name and ${Name} by the variable's value (names ignore case), $$ by $; unknown names by ""."""
+
+    def value_of(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        return "$" if name is None else values.get(name.lower(), "")
+
+    return REFERENCE_PATTERN.sub(value_of, text)
+
+
+def template_summary(template: JobTemplate) -> dict:
+    """What GET /api/templates tells about a template: never its key, never a secret's default."""
+    return {
+        "name": template.name,
+        "description": template.description,
+        "key_required": bool(template.key_digest),
+        "variables": [
+            {
+                "name": v.name,
+                "default": "" if v.secret else v.default,
+                "required": v.required,
+                "pattern": v.pattern.pattern if v.pattern else None,
+                "choices": list(v.choices),
+                "secret": v.secret,
+                "description": v.description,
+            }
+            for v in template.variables.values()
+        ],
+    }
+
+
+class TemplateCatalog:
+    """The templates in force (reloadable) and every version a job was triggered with."""
+
+    def __init__(self, path: str | Path, store: JobStore):
+        self.path, self.store = Path(path), store
+        self._current: dict[str, JobTemplate] = {}
+        self._versions: dict[int, JobTemplate] = {}
+        self._lock = threading.Lock()
+        self._stamp = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Load the file again; on any problem raise TemplateError and keep the templates in force."""
+        stamp = self._file_stamp()
+        templates = load_templates(self.path)
+        for name, template in templates.items():
+            version = self.store.save_template_version(template.name, template.definition, template.key_digest)
+            templates[name] = dataclasses.replace(template, version=version)
+        with self._lock:
+            self._current = templates
+            self._versions.update((t.version, t) for t in templates.values())
+            self._stamp = stamp
+
+    def get(self, name: str) -> JobTemplate | None:
+        return self._current.get(name.lower())
+
+    def api_templates(self) -> list[JobTemplate]:
+        return [t for t in self._current.values() if t.api]
+
+    def version(self, version: int) -> JobTemplate:
+        """The template a job was triggered with, from memory or else from the store."""
+        template = self._versions.get(version)
+        if template is None:
+            name, definition, digest = self.store.template_version(version)
+            template = parse_template(name, json.loads(definition), f"stored template {name!r} (version {version})")
+            template = dataclasses.replace(template, key_digest=digest, version=version)
+            with self._lock:
+                self._versions[version] = template
+        return template
+
+    def _file_stamp(self):
+        try:
+            info = self.path.stat()
+            return (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            return None
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the file changed since the last load; returns whether it did."""
+        if self._file_stamp() == self._stamp:
+            return False
+        try:
+            self.reload()
+        except TemplateError as error:
+            self._stamp = self._file_stamp()  # report a bad file once, not every second
+            log_line(f"templates not reloaded, the previous ones stay in force: {error}")
+            return False
+        log_line(f"templates reloaded from {self.path}: {', '.join(t.name for t in self._current.values())}")
+        return True
+
+
+def log_line(message: str) -> None:
+    """The server's own log: one line on stderr. Request values and keys never go here."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+#
+# SQLite store.
+#
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    id: int
+    template: str
+    template_version: int
+    status: str
+    key_digest: str
+
+
+class JobStore:
+    """Every SQL statement of the program. One connection writes, under one lock; each thread reads on its own."""
+
+    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
+        self.path, self.busy_timeout = str(path), busy_timeout
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        with self._write_lock:
+            self._writer.executescript(SCHEMA_PATH.read_text())
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a crash of this process
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        if connection.in_transaction:  # a log stream that was never closed
+            connection.execute("ROLLBACK")
+        return connection
+
+    @contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT on the writer; call with the write lock held."""
+        connection = self._writer
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+
+    @contextmanager
+    def _write(self):
+        with self._write_lock, self._transaction() as connection:
+            yield connection
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.close()
+
+    # Templates.
+
+    def save_template_version(self, name: str, definition: str, digest: str) -> int:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO template_versions (name, definition, key_digest) VALUES (?, ?, ?)",
+                (name, definition, digest),
+            )
+            return db.execute(
+                "SELECT id FROM template_versions WHERE name = ? AND definition = ? AND key_digest = ?",
+                (name, definition, digest),
+            ).fetchone()[0]
+
+    def template_version(self, version: int) -> tuple[str, str, str]:
+        return self._reader().execute(
+            "SELECT name, definition, key_digest FROM template_versions WHERE id = ?", (version,)
+        ).fetchone()
+
+    # Jobs.
+
+    def insert_job(self, template: JobTemplate, variables: dict[str, str], then=None) -> int:
+        """Commit a new Pending job and return its id; `then(id)` runs after the commit, still in write order."""
+        with self._write_lock:
+            with self._transaction() as db:
+                job_id = db.execute(
+                    "INSERT INTO jobs (template_version, template, status, variables, created_at)"
+                    " VALUES (?, ?, 'Pending', ?, ?)",
+                    (template.version, template.name, json.dumps(variables), time.time()),
+                ).lastrowid
+            if then is not None:
+                then(job_id)
+        return job_id
+
+    def get_job(self, job_id: int) -> JobRecord | None:
+        row = self._reader().execute(
+            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest"
+            " FROM jobs j JOIN template_versions v ON v.id = j.template_version WHERE j.id = ?",
+            (job_id,),
+        ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def job_status(self, job_id: int) -> str | None:
+        row = self._reader().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def unfinished_jobs(self, status: str) -> list[tuple[int, int]]:
+        """(id, template_version) of the jobs in this status, oldest first."""
+        return self._reader().execute(
+            "SELECT id, template_version FROM jobs WHERE status = ? ORDER BY id", (status,)
+        ).fetchall()
+
+    def claim_job(self, job_id: int) -> dict[str, str] | None:
+        """Pending -> Executing; the job's variables, or None when it is no longer Pending."""
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'"
+                " RETURNING variables",
+                (time.time(), job_id),
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_process_group(self, job_id: int, group: int | None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id))
+
+    def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
+        with self._write() as db:
+            self._insert_logs(db, job_id, first_seq, entries)
+
+    @staticmethod
+    def _insert_logs(db, job_id: int, first_seq: int, entries) -> None:
+        db.executemany(
+            "INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
+            ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)),
+        )
+
+    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None,
+                   from_status: str = EXECUTING) -> bool:
+        """Store the last log entries and the final status in one transaction; False if the job was not in
+        from_status (a cancel that lost a race, say)."""
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, process_group = NULL,"
+                " variables = coalesce(?, variables) WHERE id = ? AND status = ?",
+                (status, time.time(), None if variables is None else json.dumps(variables), job_id, from_status),
+            ).rowcount
+            if changed:
+                self._insert_logs(db, job_id, first_seq, entries)
+        return bool(changed)
+
+    def interrupted_jobs(self) -> list[tuple[int, int | None]]:
+        """(id, process_group) of the jobs a previous process left Executing."""
+        return self._reader().execute(
+            "SELECT id, process_group FROM jobs WHERE status = 'Executing' ORDER BY id"
+        ).fetchall()
+
+    def log_count(self, job_id: int, db=None) -> int:
+        row = (db or self._reader()).execute("SELECT max(seq) FROM logs WHERE job_id = ?", (job_id,)).fetchone()
+        return 0 if row[0] is None else row[0] + 1
+
+    def read_logs(self, job_id: int, offset: int, chunk_rows: int = 5000):
+        """(entry count, job complete, chunks of "LEVEL: message\\n" text from entry `offset` on).
+
+        The count, the completeness and the entries come from one read snapshot, so a job that was complete
+        has all its entries in the response; the chunks are read as they are sent, never all at once."""
+        db = self._reader()
+        db.execute("BEGIN")
+        try:
+            status = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            count = self.log_count(job_id, db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if offset >= count:
+            db.execute("ROLLBACK")
+            return count, status in FINAL_STATUSES, iter(())
+
+        def chunks():
+            try:
+                cursor = db.execute(
+                    "SELECT level || ': ' || message || char(10) FROM logs"
+                    " WHERE job_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+                    (job_id, offset, count),
+                )
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield "".join(row[0] for row in rows)
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+
+        return count, status in FINAL_STATUSES, chunks()
+
+    # Upkeep.
+
+    def prune_finished(self, before: float, batch: int = 500) -> int:
+        """Delete finished jobs older than `before` with their logs, in small transactions, then give the
+        freed pages back to the file system. Returns the number of jobs deleted."""
+        deleted = 0
+        while True:
+            with self._write() as db:
+                ids = [row[0] for row in db.execute(
+                    "SELECT id FROM jobs WHERE finished_at < ? ORDER BY finished_at LIMIT ?", (before, batch)
+                )]
+                if not ids:
+                    break
+                marks = ",".join("?" * len(ids))
+                db.execute(f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
+                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+                deleted += len(ids)
+        if deleted:
+            with self._write_lock:
+                self._writer.execute("PRAGMA incremental_vacuum")
+        return deleted
+
+
+#
+# Job runner.
+#
+
+
+def sanitize_line(line: str) -> str:
+    """A log entry's text with nothing a reader could take for a line break, and no NUL."""
+    return UNSAFE_CHARACTERS.sub("\ufffd", line.removesuffix("\r"))
+
+
+class JobExecution:
+    """One job running on a worker thread: its steps, its processes and its log, until it is final."""
+
+    def __init__(self, runner: JobRunner, job_id: int, template: JobTemplate):
+        self.runner, self.store, self.job_id, self.template = runner, runner.store, job_id, template
+        self.variables: dict[str, str] | None = None  # once claimed
+        self.values: dict[str, str] = {}  # by lower-case name, for substitution
+        self.secrets: list[str] = []
+        self.seq = 0  # of the next entry to store
+        self.buffer: list[tuple[str, str]] = []
+        self.buffered_since = 0.0
+        self.worst = "DEBUG"
+        self.log_bytes = 0
+        self.dropped_lines = self.dropped_bytes = 0
+        self.stop_reason: str | None = None  # logged as an ERROR entry as soon as the job notices it
+        self.stop_logged = False
+        self.stop_graceful = False
+        self.process: subprocess.Popen | None = None
+        self.storage_error: sqlite3.Error | None = None
+
+    # Log entries.
+
+    def log(self, level: str, text: str) -> None:
+        """Log a message of the runner's or a log step's, one entry per line, never dropped."""
+        for line in self.mask(text).split("\n"):
+            self._buffer(level, sanitize_line(line))
+
+    def log_output(self, level: str, raw: bytes) -> None:
+        """Log one line of a process's output, within the template's log budget."""
+        if self.log_bytes + len(raw) > self.template.max_log_bytes:
+            self.dropped_lines += 1
+            self.dropped_bytes += len(raw)
+            return
+        self.log_bytes += len(raw)
+        self._buffer(level, sanitize_line(self.mask(raw.decode("utf-8", "replace"))))
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _buffer(self, level: str, line: str) -> None:
+        if not self.buffer:
+            self.buffered_since = time.monotonic()
+        self.buffer.append((level, line))
+        if LEVELS.index(level) > LEVELS.index(self.worst):
+            self.worst = level
+        if len(self.buffer) >= LOG_FLUSH_ENTRIES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered entries; a storage failure stops the job (it ends in Error when storage allows)."""
+        if not self.buffer or self.storage_error:
+            return
+        try:
+            self.store.append_logs(self.job_id, self.seq, self.buffer)
+        except sqlite3.Error as error:
+            self.storage_error = error
+            self.request_stop(f"Could not store the job's log ({error}); the job was stopped", graceful=False)
+            return
+        self.seq += len(self.buffer)
+        self.buffer = []
+        self.runner.notify(self.job_id)
+
+    def flush_if_due(self) -> None:
+        if self.buffer and time.monotonic() - self.buffered_since >= LOG_FLUSH_SECONDS:
+            self.flush()
+
+    # Stopping from other threads (cancel, shutdown).
+
+    def request_stop(self, reason: str, graceful: bool) -> None:
+        """Stop the job: its processes get SIGTERM (graceful, SIGKILL after CANCEL_GRACE) or SIGKILL."""
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_graceful = reason, graceful
+        elif not graceful:
+            self.stop_graceful = False
+        process = self.process
+        if process is not None:
+            signal_group(process.pid, signal.SIGTERM if self.stop_graceful else signal.SIGKILL)
+
+    # Running.
+
+    def run(self, variables: dict[str, str]) -> None:
+        """Run every step, then store the final status; whatever happens, the job ends final."""
+        try:
+            self.variables = variables
+            self.values = {name.lower(): value for name, value in variables.items()}
+            self.values.update(jobtoken=str(self.job_id), templatename=self.template.name)
+            self.secrets = sorted(
+                (variables.get(v.name, "") for v in self.template.secrets if variables.get(v.name)),
+                key=len, reverse=True,
+            )
+            deadline = time.monotonic() + self.template.timeout if self.template.timeout else None
+            for step in self.template.steps:
+                if self.stop_reason or not self.run_step(step, deadline):
+                    break
+            self.announce_stop()
+        except Exception as error:  # a bug here must not leave the job Executing
+            traceback.print_exc()
+            self.log("ERROR", f"Internal error in the job runner: {error!r}")
+        self.finish()
+
+    def announce_stop(self) -> None:
+        if self.stop_reason and not self.stop_logged:
+            self.stop_logged = True
+            self.log("ERROR", self.stop_reason)
+
+    def run_step(self, step: Step, job_deadline: float | None) -> bool:
+        """Run one step; whether the job goes on."""
+        if step.kind == "log":
+            self.log(step.level, substitute(step.command, self.values))
+            return True
+        if step.name:
+            self.log("DEBUG", f"Step: {step.name}")
+        if step.kind == "run":
+            argv = ["/bin/sh", "-c", step.command]
+        else:
+            argv = [substitute(argument, self.values) for argument in step.command]
+        deadline, why = job_deadline, f"Job timed out after {self.template.timeout or 0:g} s"
+        if step.timeout and (deadline is None or time.monotonic() + step.timeout < deadline):
+            deadline, why = time.monotonic() + step.timeout, f"Step timed out after {step.timeout:g} s"
+        code = self.run_process(step, argv, deadline, why)
+        if code is None:  # timed out, stopped, or could not start
+            return False
+        if code != 0:
+            self.log("ERROR", f"Process exited with code: {code}")
+            return step.continue_on_error
+        return True
+
+    def environment(self, step: Step) -> dict[str, str]:
+        """A minimal base, the job's variables and built-ins, then the step's fixed env."""
+        env = {"PATH": BASE_PATH, "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8"}
+        env.update(self.variables)
+        env.update(JobToken=str(self.job_id), TemplateName=self.template.name)
+        env.update(step.env)
+        return env
+
+    def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
+        """Run one process in a group of its own, logging its output; its exit code, or None if it timed
+        out, was stopped or could not start. Nothing of its process group outlives this call."""
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self.environment(step), cwd=step.cwd, start_new_session=True,
+            )
+        except OSError as error:
+            self.log("ERROR", f"Cannot start {argv[0]!r}: {error.strerror or error}")
+            return None
+        self.process = process
+        if self.stop_reason:  # a stop that came while the process was starting
+            self.request_stop(self.stop_reason, self.stop_graceful)
+        try:
+            self.record_group(process.pid)
+            return self.supervise(process, step, deadline, why)
+        finally:
+            signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
+            self.process = None
+            self.record_group(None)
+
+    def record_group(self, group: int | None) -> None:
+        try:
+            self.store.set_process_group(self.job_id, group)
+        except sqlite3.Error:
+            pass  # only used to clean up after a crash
+
+    def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
+        streams = {process.stdout.fileno(): [step.stdout_level, b""], process.stderr.fileno(): [step.stderr_level, b""]}
+        selector = selectors.DefaultSelector()
+        exit_watch = process_exit_watch(process.pid)
+        try:
+            for fd in streams:
+                os.set_blocking(fd, False)
+                selector.register(fd, selectors.EVENT_READ)
+            if exit_watch is not None:
+                selector.register(exit_watch, selectors.EVENT_READ)
+            exited_at = kill_at = None
+            leftovers_killed = False
+            while streams or exited_at is None:
+                now = time.monotonic()
+                if exited_at is None and exit_watch is None and process_exited(process.pid):
+                    exited_at = now
+                if deadline is not None and now >= deadline and self.stop_reason is None:
+                    self.request_stop(f"{why}; its processes were killed", graceful=False)
+                if self.stop_reason and kill_at is None:
+                    self.announce_stop()
+                    kill_at = now + (CANCEL_GRACE if self.stop_graceful else 0)
+                if kill_at is not None and now >= kill_at:
+                    signal_group(process.pid, signal.SIGKILL)
+                    kill_at = float("inf")
+                if exited_at is not None and streams and not leftovers_killed and now - exited_at >= LEFTOVER_GRACE:
+                    self.log("WARN", f"The step exited but processes it started still held its output open after "
+                                     f"{LEFTOVER_GRACE:g} s; they were killed")
+                    signal_group(process.pid, signal.SIGKILL)
+                    leftovers_killed = True
+                wait = POLL_SECONDS
+                if self.buffer:
+                    wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - now))
+                for key, _ in selector.select(wait):
+                    if key.fd == exit_watch:
+                        selector.unregister(exit_watch)
+                        exited_at = time.monotonic()
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    stream = streams[key.fd]
+                    if chunk:
+                        self.take_output(stream, chunk)
+                    else:
+                        selector.unregister(key.fd)
+                        if stream[1]:
+                            self.log_output(stream[0], stream[1])
+                        del streams[key.fd]
+                self.flush_if_due()
+            code = process_exit_code(process)
+        finally:
+            selector.close()
+            if exit_watch is not None:
+                os.close(exit_watch)
+        if self.stop_reason:
+            return None
+        return code
+
+    def take_output(self, stream: list, chunk: bytes) -> None:
+        level, partial = stream
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
+        while len(partial) > MAX_LINE_BYTES:
+            lines.append(partial[:MAX_LINE_BYTES])
+            partial = partial[MAX_LINE_BYTES:]
+        stream[1] = partial
+        for line in lines:
+            self.log_output(level, line)
+
+    def finish(self) -> None:
+        """Store the last entries and the final status, retrying while storage fails (the job cannot end
+        in anything but Error then), until the server stops."""
+        if self.dropped_lines:
+            self.log("WARN", f"The log reached its limit of {self.template.max_log_bytes} bytes: "
+                             f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output were dropped")
+        self.announce_stop()
+        status = STATUS_BY_WORST_LEVEL[self.worst]
+        kept = None if self.variables is None else {
+            name: value for name, value in self.variables.items()
+            if not getattr(self.template.variables.get(name.lower()), "secret", False)
+        }
+        delay = 0.5
+        while True:
+            try:
+                self.store.finish_job(self.job_id, status, self.seq, self.buffer, kept)
+                break
+            except sqlite3.Error as error:
+                if self.runner.stopping.wait(delay):
+                    log_line(f"job {self.job_id}: could not store its end ({error}); it ends at the next start")
+                    return
+                delay = min(delay * 2, 5.0)
+        self.seq += len(self.buffer)
+        self.buffer = []
+        self.runner.notify(self.job_id)
+
+
+def signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_exit_watch(pid: int) -> int | None:
+    """A descriptor that becomes readable when the process exits (Linux pidfd), or None to poll."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def process_exited(pid: int) -> bool:
+    """Whether the process exited, without reaping it (so its process group id stays ours)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def process_exit_code(process: subprocess.Popen) -> int:
+    """The exit code of a process that has exited, not reaped yet; a signal N counts as 128 + N."""
+    result = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return 128 + result.si_status
+
+
+class JobRunner:
+    """Runs queued jobs on a pool of worker threads in trigger order, honouring each template's
+    max_concurrent, and wakes whoever waits on a job."""
+
+    def __init__(self, store: JobStore, catalog: TemplateCatalog, workers: int = 4, max_pending: int = 10000):
+        self.store, self.catalog = store, catalog
+        self.workers, self.max_pending = workers, max_pending
+        self.lock = threading.Condition()
+        self.queues: dict[str, deque[tuple[int, JobTemplate]]] = {}  # pending jobs by template name
+        self.pending = 0
+        self.executing: dict[str, int] = {}  # by template name
+        self.running: dict[int, JobExecution] = {}
+        self.accepting = True
+        self.stopping = threading.Event()
+        self.watchers: dict[int, list] = {}  # job id -> [Condition, number of waiters]
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Resolve what a previous process left behind, queue the Pending jobs, start the workers."""
+        for job_id, group in self.store.interrupted_jobs():
+            if group:
+                kill_orphaned_group(group, job_id)
+            self.store.finish_job(
+                job_id, ERROR, self.store.log_count(job_id),
+                [("ERROR", "The server stopped while the job ran (found Executing at restart); it was ended")],
+            )
+        for job_id, version in self.store.unfinished_jobs(PENDING):
+            try:
+                template = self.catalog.version(version)
+            except TemplateError as error:
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")],
+                                      from_status=PENDING)
+                continue
+            self._enqueue(job_id, template)
+        for number in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"job-worker-{number}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    # Queue.
+
+    def submit(self, template: JobTemplate, variables: dict[str, str]) -> int:
+        """Commit a new job and queue it; the id is returned only once the job is committed."""
+        with self.lock:
+            if not self.accepting:
+                raise ApiError("The server is shutting down and accepts no new jobs", 503, {"Retry-After": "30"})
+            if self.pending >= self.max_pending:
+                raise ApiError(f"The queue is full ({self.pending} pending jobs); try again later", 503,
+                               {"Retry-After": "5"})
+        return self.store.insert_job(template, variables, then=lambda job_id: self._enqueue(job_id, template))
+
+    def _enqueue(self, job_id: int, template: JobTemplate) -> None:
+        with self.lock:
+            self.queues.setdefault(template.name, deque()).append((job_id, template))
+            self.pending += 1
+            self.lock.notify()
+
+    def _next_job(self) -> JobExecution | None:
+        """The oldest pending job whose template has room; call with the lock held."""
+        best = None
+        for name, queue in self.queues.items():
+            if queue:
+                job_id, template = queue[0]
+                limit = template.max_concurrent
+                if (limit is None or self.executing.get(name, 0) < limit) and (best is None or job_id < best[0]):
+                    best = (job_id, template)
+        if best is None:
+            return None
+        job_id, template = best
+        self.queues[template.name].popleft()
+        self.pending -= 1
+        self.executing[template.name] = self.executing.get(template.name, 0) + 1
+        execution = self.running[job_id] = JobExecution(self, job_id, template)
+        return execution
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                execution = None
+                while not self.stopping.is_set() and (execution := self._next_job()) is None:
+                    self.lock.wait()
+                if execution is None:
+                    return
+            try:
+                self._execute(execution)
+            except Exception:  # keep the worker alive whatever happens
+                traceback.print_exc()
+            finally:
+                with self.lock:
+                    self.executing[execution.template.name] -= 1
+                    del self.running[execution.job_id]
+                    self.lock.notify_all()
+
+    def _execute(self, execution: JobExecution) -> None:
+        try:
+            variables = self.store.claim_job(execution.job_id)
+        except sqlite3.Error as error:
+            log_line(f"job {execution.job_id}: could not start it ({error}); it stays Pending")
+            with self.lock:
+                self.queues[execution.template.name].appendleft((execution.job_id, execution.template))
+                self.pending += 1
+            self.stopping.wait(1.0)
+            return
+        if variables is not None:  # else canceled in the meantime
+            execution.run(variables)
+
+    # Cancel.
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a Pending or Executing job; it ends in Error. Returns the status after the request."""
+        with self.lock:
+            queued = None
+            for name, queue in self.queues.items():
+                for entry in queue:
+                    if entry[0] == job_id:
+                        queued = (queue, entry)
+                        break
+            if queued:
+                queued[0].remove(queued[1])
+                self.pending -= 1
+            execution = self.running.get(job_id)
+        if queued:
+            try:
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")], from_status=PENDING)
+            except sqlite3.Error:
+                with self.lock:  # still Pending in the store: it stays queued
+                    queued[0].appendleft(queued[1])
+                    self.pending += 1
+                raise
+            self.notify(job_id)
+        elif execution is not None:
+            execution.request_stop("Job canceled", graceful=True)
+            self.wait_until(job_id, lambda: self.store.job_status(job_id) in FINAL_STATUSES, CANCEL_GRACE + 5)
+        return self.store.job_status(job_id)
+
+    # Waiting for a job.
+
+    def notify(self, job_id: int) -> None:
+        watch = self.watchers.get(job_id)
+        if watch is not None:
+            with watch[0]:
+                watch[0].notify_all()
+
+    def wait_until(self, job_id: int, condition, timeout: float) -> bool:
+        """Wait until condition() holds, re-checked whenever the job logs or ends, at most timeout seconds."""
+        with self.lock:
+            watch = self.watchers.setdefault(job_id, [threading.Condition(), 0])
+            watch[1] += 1
+        try:
+            deadline = time.monotonic() + timeout
+            with watch[0]:
+                while not (met := condition()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.stopping.is_set():
+                        break
+                    watch[0].wait(min(remaining, 1.0))
+            return met
+        finally:
+            with self.lock:
+                watch[1] -= 1
+                if not watch[1]:
+                    del self.watchers[job_id]
+
+    # Shutdown.
+
+    def shutdown(self, grace: float) -> None:
+        """Refuse new jobs, give running ones `grace` seconds, then kill them; Pending jobs stay Pending."""
+        with self.lock:
+            self.accepting = False
+            self.stopping.set()
+            self.lock.notify_all()
+            deadline = time.monotonic() + grace
+            while self.running and (remaining := deadline - time.monotonic()) > 0:
+                self.lock.wait(remaining)
+            for execution in list(self.running.values()):
+                execution.request_stop("Server stopped while the job ran; it was killed", graceful=False)
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+def kill_orphaned_group(group: int, job_id: int) -> None:
+    """Kill the process group a crashed server left running for a job, if it is still that job's."""
+    try:
+        environ = Path(f"/proc/{group}/environ").read_bytes()
+    except OSError:
+        return
+    if b"\0JobToken=%d\0" % job_id in b"\0" + environ:
+        signal_group(group, signal.SIGKILL)
+
+
+class Maintenance:
+    """Background upkeep: prunes old finished jobs and reloads templates.toml when it changes."""
+
+    def __init__(self, store: JobStore, catalog: TemplateCatalog, keep_days: float, stopping: threading.Event):
+        self.store, self.catalog, self.keep_days, self.stopping = store, catalog, keep_days, stopping
+        self.prune_every = min(3600.0, max(1.0, keep_days * 86400 / 4))
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="maintenance", daemon=True).start()
+
+    def _loop(self) -> None:
+        next_prune = 0.0
+        while not self.stopping.wait(1.0 if next_prune else 0):
+            try:
+                self.catalog.reload_if_changed()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.prune_every
+                    deleted = self.store.prune_finished(time.time() - self.keep_days * 86400)
+                    if deleted:
+                        log_line(f"pruned {deleted} finished jobs older than {self.keep_days:g} days")
+            except Exception as error:
+                log_line(f"maintenance failed, will try again: {error!r}")
+
+
+#
+# Web application.
+#
+
+
+class RequestParameters:
+    """The query string and form, JSON or empty body of a request, checked once: API parameters by
+    lower-case name, every other parameter as a (name, value) variable, and the key from its three sources."""
+
+    def __init__(self, pairs: list[tuple[str, str]], header_key: str | None, body_key: str | None):
+        self.api: dict[str, str] = {}
+        self.variables: list[tuple[str, str]] = []
+        seen = set()
+        for name, value in pairs:
+            folded = name.removeprefix("$").lower()
+            if folded in seen:
+                raise ApiError(f"Parameter {shown(name)} is given more than once")
+            seen.add(folded)
+            check_value(name, value)
+            if name.lower() in API_PARAMETERS:
+                self.api[name.lower()] = value
+            else:
+                self.variables.append((name, value))
+        self.key = self.api.get("key") or header_key or body_key or None
+
+    @classmethod
+    def from_request(cls) -> RequestParameters:
+        pairs = parse_urlencoded(request.query_string, "query string")
+        body_key = None
+        body = request.get_data(cache=False)
+        if body:
+            mimetype = request.mimetype
+            if mimetype in ("", "application/x-www-form-urlencoded"):
+                pairs += parse_urlencoded(body, "request body")
+            elif mimetype == "application/json":
+                body_pairs, body_key = parse_json_object(body)
+                pairs += body_pairs
+            else:
+                raise ApiError(f"Unsupported Content-Type {shown(mimetype)}: send "
+                               "application/x-www-form-urlencoded or application/json", 415)
+        return cls(pairs, request.headers.get("X-ApiKey"), body_key)
+
+    def number(self, name: str, kind=float, maximum=None):
+        """An optional numeric parameter (None when absent), clamped to maximum."""
+        text = self.extra(name)
+        if text is None:
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value < float("inf"):
+            unit = "a whole number" if kind is int else "a number of seconds"
+            raise ApiError(f"Parameter {name} must be {unit}, 0 or more")
+        return min(value, maximum) if maximum is not None else value
+
+    def extra(self, name: str) -> str | None:
+        """An extension parameter (offset, wait) of the endpoints that have no variables."""
+        for variable_name, value in self.variables:
+            if variable_name.lower() == name:
+                return value
+        return None
+
+
+def parse_urlencoded(raw: bytes, where: str) -> list[tuple[str, str]]:
+    try:
+        return urllib.parse.parse_qsl(
+            raw.decode("utf-8"), keep_blank_values=True, errors="strict", max_num_fields=MAX_PARAMETERS
+        )
+    except UnicodeDecodeError:
+        raise ApiError(f"The {where} is not valid UTF-8") from None
+    except ValueError:
+        raise ApiError(f"The {where} has more than {MAX_PARAMETERS} parameters") from None
+
+
+def parse_json_object(body: bytes) -> tuple[list[tuple[str, str]], str | None]:
+    """A JSON object body: API_Key is the key, every other member a parameter with a scalar value."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError("The request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError("A JSON request body must be an object")
+    if len(data) > MAX_PARAMETERS:
+        raise ApiError(f"The request body has more than {MAX_PARAMETERS} parameters")
+    pairs, key = [], None
+    for name, value in data.items():
+        text = scalar_text(value)
+        if text is None:
+            raise ApiError(f"JSON member {shown(name)} must be a string, number or boolean")
+        if name.lower() == "api_key":
+            key = text
+        else:
+            pairs.append((name, text))
+    return pairs, key
+
+
+def check_value(name: str, value: str) -> None:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ApiError(f"Parameter {shown(name)} is not valid UTF-8 text") from None
+    if size > MAX_VALUE_BYTES:
+        raise ApiError(f"Parameter {shown(name)} is longer than {MAX_VALUE_BYTES // 1024} KiB")
+    if "\0" in value:
+        raise ApiError(f"Parameter {shown(name)} contains a NUL character")
+
+
+def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> dict[str, str]:
+    """The job's variables: the template's defaults overridden by the request, every rule checked."""
+    if len(given) > MAX_VARIABLES:
+        raise ApiError(f"Too many variables: at most {MAX_VARIABLES}")
+    values = {v.name: v.default for v in template.variables.values()}
+    for raw_name, value in given:
+        name = raw_name.removeprefix("$")
+        problem = variable_name_problem(name)
+        if problem:
+            raise ApiError(f"Variable {shown(name)} {problem}")
+        declared = template.variables.get(name.lower())
+        if declared is None:
+            if not template.allow_new_variables:
+                raise ApiError(f"Variable {name} is not declared by template {template.name}")
+            values[name] = value
+        else:
+            declared.check(value)
+            values[declared.name] = value
+    for variable in template.variables.values():
+        if variable.required and not values[variable.name]:
+            raise ApiError(f"Variable {variable.name} is required")
+    return values
+
+
+def text_response(body, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(body, status=status, headers=headers, mimetype="text/plain")
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """The Flask application, with its store, templates and runner (started) in app.extensions."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        DATABASE=str(HERE / "jobs.db"),
+        TEMPLATES=str(HERE / "templates.toml"),
+        WORKERS=4,
+        MAX_BODY=1024 * 1024,
+        MAX_PENDING=10000,
+        KEEP_DAYS=30.0,
+    )
+    app.config.update(config or {})
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]
+
+    store = JobStore(app.config["DATABASE"])
+    try:
+        catalog = TemplateCatalog(app.config["TEMPLATES"], store)
+        runner = JobRunner(store, catalog, app.config["WORKERS"], app.config["MAX_PENDING"])
+        runner.start()
+    except BaseException:
+        store.close()
+        raise
+    Maintenance(store, catalog, app.config["KEEP_DAYS"], runner.stopping).start()
+    app.extensions.update(job_store=store, job_templates=catalog, job_runner=runner)
+
+    def find_job(params: RequestParameters) -> JobRecord:
+        """The job a status, logs or cancel request names, once its key is checked."""
+        token = params.api.get("token")
+        if not token:
+            raise ApiError("Missing parameter: token")
+        if not (token.isascii() and token.isdigit() and len(token) <= 18):
+            raise ApiError("Invalid token: a job token is a whole number")
+        job = store.get_job(int(token))
+        if job is None:
+            raise ApiError(f"No job has the token {int(token)}")
+        if not key_matches(params.key, job.key_digest):
+            raise ApiError("Missing API key" if not params.key else "Invalid API key", 403)
+        return job
+
+    @app.route("/api/jobs/trigger", methods=["GET", "POST"])
+    def trigger():
+        params = RequestParameters.from_request()
+        name = params.api.get("template")
+        if not name:
+            raise ApiError("Missing parameter: template")
+        template = catalog.get(name)
+        if template is None:
+            raise ApiError(f"No template named {shown(name)}", 404)
+        if not template.api:
+            raise ApiError(f"Template {template.name} does not allow API use", 403)
+        if not key_matches(params.key, template.key_digest):
+            raise ApiError("Missing API key" if not params.key else "Invalid API key", 403)
+        variables = resolve_variables(template, params.variables)
+        return text_response(str(runner.submit(template, variables)))
+
+    @app.route("/api/jobs/status", methods=["GET", "POST"])
+    def status():
+        params = RequestParameters.from_request()
+        job = find_job(params)
+        wait = params.number("wait", float, MAX_WAIT_SECONDS)
+        if wait and job.status not in FINAL_STATUSES:
+            runner.wait_until(job.id, lambda: store.job_status(job.id) in FINAL_STATUSES, wait)
+        return text_response(store.job_status(job.id))
+
+    @app.route("/api/jobs/logs", methods=["GET", "POST"])
+    def logs():
+        params = RequestParameters.from_request()
+        job = find_job(params)
+        offset = params.number("offset", int)
+        wait = params.number("wait", float, MAX_WAIT_SECONDS)
+        if wait:
+            offset = offset or 0
+            runner.wait_until(
+                job.id,
+                lambda: store.log_count(job.id) > offset or store.job_status(job.id) in FINAL_STATUSES,
+                wait,
+            )
+        count, complete, chunks = store.read_logs(job.id, offset or 0)
+        headers = {"X-Log-Offset": str(max(count, offset or 0)), "X-Job-Complete": str(complete).lower()}
+        return text_response(chunks, headers=headers)
+
+    @app.route("/api/jobs/cancel", methods=["GET", "POST"])
+    def cancel():
+        job = find_job(RequestParameters.from_request())
+        return text_response(runner.cancel(job.id))
+
+    @app.route("/api/templates", methods=["GET"])
+    def templates():
+        summaries = [template_summary(t) for t in catalog.api_templates()]
+        return Response(json.dumps(summaries, indent=2) + "\n", mimetype="application/json")
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError):
+        return text_response(error.message, error.status, error.headers)
+
+    @app.errorhandler(sqlite3.Error)
+    def storage_error(error: sqlite3.Error):
+        return text_response(f"The job store is unavailable ({error}); try again later", 503, {"Retry-After": "5"})
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        reasons = {
+            404: "Not found: the endpoints are /api/jobs/trigger, /api/jobs/status and /api/jobs/logs",
+            413: f"The request body is larger than {app.config['MAX_BODY']} bytes",
+        }
+        headers = {name: value for name, value in error.get_headers() if name.lower() == "allow"}
+        return text_response(reasons.get(error.code, f"{error.code} {error.name}"), error.code, headers)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception):
+        traceback.print_exc()
+        return text_response("Internal server error", 500)
+
+    return app
+
+
+#
+# Command line.
+#
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Serve Otter's Job Orchestration API for the jobs of a templates.toml."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--templates", default=str(HERE / "templates.toml"), help="job templates file (default: templates.toml beside app.py)")
+    parser.add_argument("--db", default=str(HERE / "jobs.db"), help="SQLite database file (default: jobs.db beside app.py)")
+    parser.add_argument("--workers", type=positive_int, default=4, help="jobs run at once (default: %(default)s)")
+    parser.add_argument("--http-threads", type=positive_int, default=16, help="threads answering HTTP requests (default: %(default)s)")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get to finish at shutdown (default: %(default)s)")
+    parser.add_argument("--max-body", type=positive_int, default=1024 * 1024, help="largest request body in bytes (default: 1 MiB)")
+    parser.add_argument("--max-pending", type=positive_int, default=10000, help="most Pending jobs before triggers get 503 (default: %(default)s)")
+    parser.add_argument("--keep-days", type=float, default=30.0, help="days finished jobs and their logs are kept (default: %(default)s)")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    config = dict(DATABASE=args.db, TEMPLATES=args.templates, WORKERS=args.workers, MAX_BODY=args.max_body,
+                  MAX_PENDING=args.max_pending, KEEP_DAYS=args.keep_days)
+    try:
+        app = create_app(config)
+    except TemplateError as error:
+        print(f"app.py: error: {error}", file=sys.stderr)
+        return 2
+    except (sqlite3.Error, OSError) as error:
+        print(f"app.py: error: cannot use the database {args.db}: {error}", file=sys.stderr)
+        return 2
+    runner, catalog = app.extensions["job_runner"], app.extensions["job_templates"]
+
+    from waitress import create_server
+
+    try:
+        server = create_server(app, host=args.host, port=args.port, threads=args.http_threads,
+                               max_request_body_size=args.max_body + 1, ident="")
+    except OSError as error:
+        print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        runner.shutdown(0)
+        return 2
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_templates, args=(catalog,)).start())
+    threading.Thread(target=server.run, name="http", daemon=True).start()
+    host, port = getattr(server, "effective_host", args.host), getattr(server, "effective_port", args.port)
+    print(f"Serving on http://{host}:{port} (templates: {args.templates}, database: {args.db})", flush=True)
+    while not stop.wait(1.0):
+        pass
+    log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish")
+    runner.shutdown(args.grace)
+    server.close()
+    log_line("stopped")
+    return 0
+
+
+def reload_templates(catalog: TemplateCatalog) -> None:
+    try:
+        catalog.reload()
+        log_line(f"templates reloaded from {catalog.path}")
+    except TemplateError as error:
+        log_line(f"templates not reloaded, the previous ones stay in force: {error}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
