@@ -47,6 +47,7 @@ SCHEMA_PATH = HERE / "schema.sql"
 PENDING, EXECUTING, SUCCEEDED, WARNING, ERROR = "Pending", "Executing", "Succeeded", "Warning", "Error"
 FINAL_STATUSES = frozenset({SUCCEEDED, WARNING, ERROR})
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")  # in rising severity
+LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 STATUS_BY_WORST_LEVEL = {"DEBUG": SUCCEEDED, "INFO": SUCCEEDED, "WARN": WARNING, "ERROR": ERROR}
 
 API_PARAMETERS = ("template", "key", "token")
@@ -748,7 +749,7 @@ class JobExecution:
         if not self.buffer:
             self.buffered_since = time.monotonic()
         self.buffer.append((level, line))
-        if LEVELS.index(level) > LEVELS.index(self.worst):
+        if level != self.worst and LEVEL_RANK[level] > LEVEL_RANK[self.worst]:
             self.worst = level
         if len(self.buffer) >= LOG_FLUSH_ENTRIES:
             self.flush()
@@ -903,7 +904,7 @@ class JobExecution:
                 wait = POLL_SECONDS
                 if self.buffer:
                     wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
-                if deadline is not None:
+                if deadline is not None and self.stop_reason is None:
                     wait = min(wait, max(0.0, deadline - now))
                 for key, _ in selector.select(wait):
                     if key.fd == exit_watch:
@@ -1012,6 +1013,7 @@ class JobRunner:
         self.running: dict[int, JobExecution] = {}
         self.accepting = True
         self.stopping = threading.Event()
+        self.hurry = threading.Event()  # set by a second Ctrl-C: end the shutdown grace now
         self.watchers: dict[int, list] = {}  # job id -> [Condition, number of waiters]
         self.threads: list[threading.Thread] = []
 
@@ -1170,8 +1172,8 @@ class JobRunner:
             self.stopping.set()
             self.lock.notify_all()
             deadline = time.monotonic() + grace
-            while self.running and (remaining := deadline - time.monotonic()) > 0:
-                self.lock.wait(remaining)
+            while self.running and (remaining := deadline - time.monotonic()) > 0 and not self.hurry.is_set():
+                self.lock.wait(min(remaining, 0.2))
             for execution in list(self.running.values()):
                 execution.request_stop("Server stopped while the job ran; it was killed", graceful=False)
         for thread in self.threads:
@@ -1291,7 +1293,7 @@ def parse_json_object(body: bytes) -> tuple[list[tuple[str, str]], str | None]:
     """A JSON object body: API_Key is the key, every other member a parameter with a scalar value."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a parameter list
         raise ApiError("The request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError("A JSON request body must be an object")
@@ -1512,22 +1514,29 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = create_server(app, host=args.host, port=args.port, threads=args.http_threads,
-                               max_request_body_size=args.max_body + 1, ident="")
+                               max_request_body_size=args.max_body, ident="")
     except OSError as error:
         print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         runner.shutdown(0)
         return 2
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_stop_signal(*_):
+        if stop.is_set():  # a second Ctrl-C or SIGTERM: no more grace
+            runner.hurry.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_templates, args=(catalog,)).start())
     threading.Thread(target=server.run, name="http", daemon=True).start()
     host, port = getattr(server, "effective_host", args.host), getattr(server, "effective_port", args.port)
     print(f"Serving on http://{host}:{port} (templates: {args.templates}, database: {args.db})", flush=True)
     while not stop.wait(1.0):
         pass
-    log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish")
+    log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish"
+             " (Ctrl-C again to kill them now)")
     runner.shutdown(args.grace)
     server.close()
     log_line("stopped")

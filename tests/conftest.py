@@ -1,0 +1,181 @@
+"""Fixtures shared by the tests: an in-process app under WebTest, and a real `python app.py` on loopback."""
+
+import http.client
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import webtest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app as server_module  # noqa: E402
+
+
+def pytest_configure(config):
+    # Warnings are failures: a leaked connection or file shows up instead of passing quietly.
+    config.addinivalue_line("filterwarnings", "error")
+    config.addinivalue_line("filterwarnings", "ignore:'cgi' is deprecated:DeprecationWarning")  # WebOb on 3.11
+
+
+def wait_for(condition, timeout=10.0, interval=0.01, what="a condition"):
+    """Poll condition() until it returns something true, failing after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on a tmp_path database."""
+    apps = []
+
+    def make(templates: str, **config):
+        path = tmp_path / f"templates{len(apps)}.toml"
+        path.write_text(textwrap.dedent(templates))
+        settings = {"DATABASE": str(tmp_path / "jobs.db"), "TEMPLATES": str(path), "WORKERS": 2}
+        settings.update(config)
+        app = server_module.create_app(settings)
+        apps.append(app)
+        return webtest.TestApp(app)
+
+    yield make
+    for app in apps:
+        app.extensions["job_runner"].shutdown(grace=5)
+        app.extensions["job_store"].close()
+
+
+def final_status(client, token, key=None, timeout=20):
+    """Wait (server side, with status&wait) until the job is final; returns the status word."""
+    params = {"token": token, "wait": timeout}
+    if key:
+        params["key"] = key
+    status = client.get("/api/jobs/status", params).text
+    assert status in ("Succeeded", "Warning", "Error"), f"job {token} still {status}"
+    return status
+
+
+class ServerProcess:
+    """A real `python app.py` on a free loopback port, with its own templates and database."""
+
+    def __init__(self, directory: Path, templates: str, *args: str, db: Path | None = None):
+        self.directory = Path(directory)
+        self.templates = self.directory / "templates.toml"
+        self.templates.write_text(textwrap.dedent(templates))
+        self.db = db or self.directory / "jobs.db"
+        self.args = list(args)
+        self.process = None
+        self.port = None
+        self.stderr_path = self.directory / "server.stderr"
+
+    def command(self):
+        return [sys.executable, str(ROOT / "app.py"), "--port", "0", "--templates", str(self.templates),
+                "--db", str(self.db), *self.args]
+
+    def start(self, timeout=15.0):
+        self.stderr_file = open(self.stderr_path, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=self.stderr_file,
+                                        cwd=self.directory, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None:
+                raise AssertionError(f"server did not start: {self.stderr()}")
+            if select.select([self.process.stdout], [], [], remaining)[0]:
+                line += os.read(self.process.stdout.fileno(), 1)
+        # "Serving on http://127.0.0.1:PORT (...)"
+        self.port = int(line.split(b"http://127.0.0.1:")[1].split(b" ")[0])
+        return self
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def request(self, method, path, params=None, body=None, headers=None, timeout=30):
+        """(status, body text, headers dict) of one request on a new connection."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            url = path + ("?" + urllib.parse.urlencode(params) if params else "")
+            if isinstance(body, dict):
+                body = urllib.parse.urlencode(body)
+                headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+            connection.request(method, url, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read().decode("utf-8"), dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def get(self, path, **params):
+        return self.request("GET", path, params)
+
+    def trigger(self, template, **variables):
+        status, body, _ = self.get("/api/jobs/trigger", template=template, **variables)
+        assert status == 200, body
+        return body
+
+    def final_status(self, token, timeout=30, **params):
+        status, body, _ = self.get("/api/jobs/status", token=token, wait=timeout, **params)
+        assert status == 200, body
+        assert body in ("Succeeded", "Warning", "Error"), f"job {token} still {body}"
+        return body
+
+    def signal(self, signum):
+        os.kill(self.process.pid, signum)
+
+    def wait(self, timeout=60):
+        code = self.process.wait(timeout)
+        self.close_files()
+        return code
+
+    def close_files(self):
+        self.stderr_file.close()
+        self.process.stdout.close()
+
+    def stop(self, timeout=60):
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self):
+        self.signal(signal.SIGKILL)
+        return self.wait()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(templates_toml, *args, db=None) -> a started ServerProcess, stopped after the test."""
+    servers = []
+
+    def start(templates: str, *args: str, db=None, directory=None):
+        directory = directory or tmp_path / f"server{len(servers)}"
+        directory.mkdir(exist_ok=True)
+        server = ServerProcess(directory, templates, *args, db=db or tmp_path / "jobs.db")
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        if server.process is None:
+            continue
+        if server.process.poll() is None:
+            try:
+                server.process.send_signal(signal.SIGTERM)
+                server.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.process.wait()
+        server.close_files()
