@@ -50,16 +50,20 @@ LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")  # in rising severity
 LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 STATUS_BY_WORST_LEVEL = {"DEBUG": SUCCEEDED, "INFO": SUCCEEDED, "WARN": WARNING, "ERROR": ERROR}
 
-API_PARAMETERS = ("template", "key", "token")
+API_PARAMETERS = ("template", "key", "token")  # reserved as variable names everywhere
+TRIGGER_PARAMETERS = ("template", "key")  # what trigger reads; any other parameter is a variable
+JOB_PARAMETERS = ("token", "key")  # what status, logs and cancel read
 BUILTIN_VARIABLES = ("JobToken", "TemplateName")
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
 # $Name, ${Name}, or $$ for a literal dollar sign.
 REFERENCE_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|\$)")
 # Names that change how programs run, refused as variables wherever they come from (compared in lower case).
+# Beyond the issue's list: the names through which glibc loads code or files into any program (gconv_path...).
 FORBIDDEN_NAMES = frozenset(
-    "path home shell user ifs env bash_env cdpath ps4 shellopts bashopts tmpdir".split()
+    "path home shell user ifs env bash_env cdpath ps4 shellopts bashopts tmpdir"
+    " gconv_path glibc_tunables locpath nlspath hostaliases resolv_host_conf".split()
 )
-FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_")
+FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_", "malloc_")
 FORBIDDEN_SUFFIXES = ("_proxy",)
 
 MAX_VALUE_BYTES = 8 * 1024
@@ -1223,7 +1227,8 @@ class RequestParameters:
     """The query string and form, JSON or empty body of a request, checked once: API parameters by
     lower-case name, every other parameter as a (name, value) variable, and the key from its three sources."""
 
-    def __init__(self, pairs: list[tuple[str, str]], header_key: str | None, body_key: str | None):
+    def __init__(self, pairs: list[tuple[str, str]], api_names: tuple[str, ...], header_key: str | None,
+                 body_key: str | None):
         self.api: dict[str, str] = {}
         self.variables: list[tuple[str, str]] = []
         seen = set()
@@ -1233,14 +1238,14 @@ class RequestParameters:
                 raise ApiError(f"Parameter {shown(name)} is given more than once")
             seen.add(folded)
             check_value(name, value)
-            if name.lower() in API_PARAMETERS:
+            if name.lower() in api_names:
                 self.api[name.lower()] = value
             else:
                 self.variables.append((name, value))
         self.key = self.api.get("key") or header_key or body_key or None
 
     @classmethod
-    def from_request(cls) -> RequestParameters:
+    def from_request(cls, api_names: tuple[str, ...]) -> RequestParameters:
         pairs = parse_urlencoded(request.query_string, "query string")
         body_key = None
         body = request.get_data(cache=False)
@@ -1254,7 +1259,7 @@ class RequestParameters:
             else:
                 raise ApiError(f"Unsupported Content-Type {shown(mimetype)}: send "
                                "application/x-www-form-urlencoded or application/json", 415)
-        return cls(pairs, request.headers.get("X-ApiKey"), body_key)
+        return cls(pairs, api_names, request.headers.get("X-ApiKey"), body_key)
 
     def number(self, name: str, kind=float, maximum=None):
         """An optional numeric parameter (None when absent), clamped to maximum."""
@@ -1391,7 +1396,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     @app.route("/api/jobs/trigger", methods=["GET", "POST"])
     def trigger():
-        params = RequestParameters.from_request()
+        params = RequestParameters.from_request(TRIGGER_PARAMETERS)
         name = params.api.get("template")
         if not name:
             raise ApiError("Missing parameter: template")
@@ -1407,7 +1412,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     @app.route("/api/jobs/status", methods=["GET", "POST"])
     def status():
-        params = RequestParameters.from_request()
+        params = RequestParameters.from_request(JOB_PARAMETERS)
         job = find_job(params)
         wait = params.number("wait", float, MAX_WAIT_SECONDS)
         if wait and job.status not in FINAL_STATUSES:
@@ -1416,7 +1421,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     @app.route("/api/jobs/logs", methods=["GET", "POST"])
     def logs():
-        params = RequestParameters.from_request()
+        params = RequestParameters.from_request(JOB_PARAMETERS)
         job = find_job(params)
         offset = params.number("offset", int)
         wait = params.number("wait", float, MAX_WAIT_SECONDS)
@@ -1433,7 +1438,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     @app.route("/api/jobs/cancel", methods=["GET", "POST"])
     def cancel():
-        job = find_job(RequestParameters.from_request())
+        job = find_job(RequestParameters.from_request(JOB_PARAMETERS))
         return text_response(runner.cancel(job.id))
 
     @app.route("/api/templates", methods=["GET"])
@@ -1514,7 +1519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = create_server(app, host=args.host, port=args.port, threads=args.http_threads,
-                               max_request_body_size=args.max_body, ident="")
+                               max_request_body_size=args.max_body + 1, ident="")  # waitress refuses >=
     except OSError as error:
         print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         runner.shutdown(0)
