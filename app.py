@@ -18,7 +18,9 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import os
+import queue
 import re
 import selectors
 import signal
@@ -31,7 +33,6 @@ import tomllib
 import traceback
 import urllib.parse
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, Response, request
@@ -491,16 +492,36 @@ class JobRecord:
     key_digest: str
 
 
+class PendingWrite:
+    """One write operation waiting for the writer's next transaction, and then its outcome."""
+
+    __slots__ = ("operation", "after_commit", "done", "result", "error")
+
+    def __init__(self, operation, after_commit=None):
+        self.operation, self.after_commit = operation, after_commit
+        self.done = threading.Event()
+        self.result = self.error = None
+
+
 class JobStore:
-    """Every SQL statement of the program. One connection writes, under one lock; each thread reads on its own."""
+    """Every SQL statement of the program. One writer thread owns the only writing connection and commits
+    the writes queued meanwhile together (group commit); each other thread reads on a connection of its own
+    (WAL: reads never wait for writes)."""
+
+    MAX_BATCH = 500
 
     def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         self.path, self.busy_timeout = str(path), busy_timeout
-        self._write_lock = threading.Lock()
         self._local = threading.local()
         self._writer = self._connect()
-        with self._write_lock:
+        try:
             self._writer.executescript(SCHEMA_PATH.read_text())
+        except BaseException:
+            self._writer.close()
+            raise
+        self._queue: queue.SimpleQueue[PendingWrite | None] = queue.SimpleQueue()
+        self._writer_thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._writer_thread.start()
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
@@ -518,35 +539,72 @@ class JobStore:
             connection.execute("ROLLBACK")
         return connection
 
-    @contextmanager
-    def _transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT on the writer; call with the write lock held."""
+    def _write(self, operation, after_commit=None):
+        """Run operation(connection) in the writer's next transaction and return its result once committed;
+        after_commit(result) runs on the writer thread right after the commit, in commit order."""
+        write = PendingWrite(operation, after_commit)
+        self._queue.put(write)
+        write.done.wait()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def _write_loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    write = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if write is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(write)
+            error = self._commit(batch)
+            if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
+                for write in batch:  # one bad write must not fail the others: each again, alone
+                    write.error = None
+                    self._commit([write])
+            for write in batch:
+                write.done.set()
+
+    def _commit(self, batch: list[PendingWrite]) -> Exception | None:
+        """Run a batch of writes in one transaction; the error that failed them all, if any.
+        (An OperationalError, such as a full disk or a lock held by another program, fails every write alike;
+        any other error belongs to one write, and the caller retries the others.)"""
         connection = self._writer
-        connection.execute("BEGIN IMMEDIATE")
         try:
-            yield connection
+            connection.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                write.result = write.operation(connection)
             connection.execute("COMMIT")
-        except BaseException:
+        except Exception as error:  # sqlite3.Error above all; anything else is a bug, reported the same way
             if connection.in_transaction:
                 try:
                     connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            raise
-
-    @contextmanager
-    def _write(self):
-        with self._write_lock, self._transaction() as connection:
-            yield connection
+            for write in batch:
+                write.error = error
+            return error
+        for write in batch:
+            if write.after_commit is not None:
+                try:
+                    write.after_commit(write.result)
+                except Exception:
+                    traceback.print_exc()
+        return None
 
     def close(self) -> None:
-        with self._write_lock:
-            self._writer.close()
+        self._queue.put(None)
+        self._writer_thread.join()
+        self._writer.close()
 
     # Templates.
 
     def save_template_version(self, name: str, definition: str, digest: str) -> int:
-        with self._write() as db:
+        def save(db):
             db.execute(
                 "INSERT OR IGNORE INTO template_versions (name, definition, key_digest) VALUES (?, ?, ?)",
                 (name, definition, digest),
@@ -556,6 +614,8 @@ class JobStore:
                 (name, definition, digest),
             ).fetchone()[0]
 
+        return self._write(save)
+
     def template_version(self, version: int) -> tuple[str, str, str]:
         return self._reader().execute(
             "SELECT name, definition, key_digest FROM template_versions WHERE id = ?", (version,)
@@ -564,17 +624,15 @@ class JobStore:
     # Jobs.
 
     def insert_job(self, template: JobTemplate, variables: dict[str, str], then=None) -> int:
-        """Commit a new Pending job and return its id; `then(id)` runs after the commit, still in write order."""
-        with self._write_lock:
-            with self._transaction() as db:
-                job_id = db.execute(
-                    "INSERT INTO jobs (template_version, template, status, variables, created_at)"
-                    " VALUES (?, ?, 'Pending', ?, ?)",
-                    (template.version, template.name, json.dumps(variables), time.time()),
-                ).lastrowid
-            if then is not None:
-                then(job_id)
-        return job_id
+        """Commit a new Pending job and return its id; then(id) runs right after the commit, in id order."""
+        row = (template.version, template.name, json.dumps(variables), time.time())
+        return self._write(
+            lambda db: db.execute(
+                "INSERT INTO jobs (template_version, template, status, variables, created_at)"
+                " VALUES (?, ?, 'Pending', ?, ?)", row,
+            ).lastrowid,
+            then,
+        )
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._reader().execute(
@@ -596,21 +654,19 @@ class JobStore:
 
     def claim_job(self, job_id: int) -> dict[str, str] | None:
         """Pending -> Executing; the job's variables, or None when it is no longer Pending."""
-        with self._write() as db:
-            row = db.execute(
-                "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'"
-                " RETURNING variables",
-                (time.time(), job_id),
-            ).fetchone()
+        row = self._write(lambda db: db.execute(
+            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'"
+            " RETURNING variables",
+            (time.time(), job_id),
+        ).fetchone())
         return json.loads(row[0]) if row else None
 
     def set_process_group(self, job_id: int, group: int | None) -> None:
-        with self._write() as db:
-            db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id))
+        self._write(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
 
     def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
-        with self._write() as db:
-            self._insert_logs(db, job_id, first_seq, entries)
+        entries = list(entries)  # the caller's buffer goes on growing
+        self._write(lambda db: self._insert_logs(db, job_id, first_seq, entries))
 
     @staticmethod
     def _insert_logs(db, job_id: int, first_seq: int, entries) -> None:
@@ -623,15 +679,20 @@ class JobStore:
                    from_status: str = EXECUTING) -> bool:
         """Store the last log entries and the final status in one transaction; False if the job was not in
         from_status (a cancel that lost a race, say)."""
-        with self._write() as db:
+        entries = list(entries)
+        variables = None if variables is None else json.dumps(variables)
+
+        def finish(db):
             changed = db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, process_group = NULL,"
                 " variables = coalesce(?, variables) WHERE id = ? AND status = ?",
-                (status, time.time(), None if variables is None else json.dumps(variables), job_id, from_status),
+                (status, time.time(), variables, job_id, from_status),
             ).rowcount
             if changed:
                 self._insert_logs(db, job_id, first_seq, entries)
-        return bool(changed)
+            return bool(changed)
+
+        return self._write(finish)
 
     def interrupted_jobs(self) -> list[tuple[int, int | None]]:
         """(id, process_group) of the jobs a previous process left Executing."""
@@ -680,21 +741,20 @@ class JobStore:
     def prune_finished(self, before: float, batch: int = 500) -> int:
         """Delete finished jobs older than `before` with their logs, in small transactions, then give the
         freed pages back to the file system. Returns the number of jobs deleted."""
+        def prune_some(db) -> int:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM jobs WHERE finished_at < ? ORDER BY finished_at LIMIT ?", (before, batch)
+            )]
+            marks = ",".join("?" * len(ids))
+            db.execute(f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
+            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            return len(ids)
+
         deleted = 0
-        while True:
-            with self._write() as db:
-                ids = [row[0] for row in db.execute(
-                    "SELECT id FROM jobs WHERE finished_at < ? ORDER BY finished_at LIMIT ?", (before, batch)
-                )]
-                if not ids:
-                    break
-                marks = ",".join("?" * len(ids))
-                db.execute(f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
-                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
-                deleted += len(ids)
+        while count := self._write(prune_some):
+            deleted += count
         if deleted:
-            with self._write_lock:
-                self._writer.execute("PRAGMA incremental_vacuum")
+            self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
         return deleted
 
 
@@ -1516,6 +1576,8 @@ def main(argv: list[str] | None = None) -> int:
     runner, catalog = app.extensions["job_runner"], app.extensions["job_templates"]
 
     from waitress import create_server
+
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault
 
     try:
         server = create_server(app, host=args.host, port=args.port, threads=args.http_threads,
