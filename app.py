@@ -337,7 +337,13 @@ def parse_template(name: str, table, where: str) -> JobTemplate:
     step_specs = fields.get("steps", list, [], "an array of tables ([[name.steps]])")
     steps = tuple(parse_step(spec, f"{where}, steps[{i}]", known) for i, spec in enumerate(step_specs))
     max_log_bytes = fields.positive("max_log_bytes", int) or DEFAULT_MAX_LOG_BYTES
+    # What the store keeps: never the key, never a secret's default (a job's own variables hold that).
     definition = {k: v for k, v in table.items() if k not in ("key", "key_env")}
+    if any(v.secret for v in variables.values()):
+        definition["variables"] = {
+            name: dict(spec, default="") if variables[name.lower()].secret else spec
+            for name, spec in table["variables"].items()
+        }
     return JobTemplate(
         name=name,
         description=fields.text("description", ""),
@@ -661,8 +667,12 @@ class JobStore:
         ).fetchone())
         return json.loads(row[0]) if row else None
 
-    def set_process_group(self, job_id: int, group: int | None) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
+    def set_process_group(self, job_id: int, group: int) -> None:
+        """Note the process group a job's step runs in, without waiting: it only serves to clean up after a
+        crash, and the single writer commits it before any later write of the job."""
+        self._queue.put(PendingWrite(
+            lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id))
+        ))
 
     def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         entries = list(entries)  # the caller's buffer goes on growing
@@ -920,7 +930,7 @@ class JobExecution:
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful)
         try:
-            self.record_group(process.pid)
+            self.store.set_process_group(self.job_id, process.pid)
             return self.supervise(process, step, deadline, why)
         finally:
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
@@ -928,13 +938,6 @@ class JobExecution:
             process.stdout.close()
             process.stderr.close()
             self.process = None
-            self.record_group(None)
-
-    def record_group(self, group: int | None) -> None:
-        try:
-            self.store.set_process_group(self.job_id, group)
-        except sqlite3.Error:
-            pass  # only used to clean up after a crash
 
     def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
         streams = {process.stdout.fileno(): [step.stdout_level, b""], process.stderr.fileno(): [step.stderr_level, b""]}
