@@ -519,20 +519,23 @@ class JobStore:
     def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         self.path, self.busy_timeout = str(path), busy_timeout
         self._local = threading.local()
-        self._writer = self._connect()
+        self._writer = self._connect(writer=True)
         try:
             self._writer.executescript(SCHEMA_PATH.read_text())
         except BaseException:
             self._writer.close()
             raise
         self._queue: queue.SimpleQueue[PendingWrite | None] = queue.SimpleQueue()
+        self._closed = False
         self._writer_thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
         self._writer_thread.start()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, writer: bool = False) -> sqlite3.Connection:
         connection = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
+        if writer:  # on a new file this must come first: switching to WAL writes the header
+            connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a crash of this process
         return connection
@@ -548,6 +551,8 @@ class JobStore:
     def _write(self, operation, after_commit=None):
         """Run operation(connection) in the writer's next transaction and return its result once committed;
         after_commit(result) runs on the writer thread right after the commit, in commit order."""
+        if self._closed:
+            raise sqlite3.OperationalError("the job store is closed: the server is stopping")
         write = PendingWrite(operation, after_commit)
         self._queue.put(write)
         write.done.wait()
@@ -603,9 +608,18 @@ class JobStore:
         return None
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._writer_thread.join()
         self._writer.close()
+        while True:  # writes that raced with close: fail them rather than leave their callers waiting
+            try:
+                write = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if write is not None:
+                write.error = sqlite3.OperationalError("the job store is closed: the server is stopping")
+                write.done.set()
 
     # Templates.
 
@@ -715,10 +729,12 @@ class JobStore:
         return 0 if row[0] is None else row[0] + 1
 
     def read_logs(self, job_id: int, offset: int, chunk_rows: int = 5000):
-        """(entry count, job complete, chunks of "LEVEL: message\\n" text from entry `offset` on).
+        """(entry count, job complete, "LEVEL: message\\n" text from entry `offset` on).
 
         The count, the completeness and the entries come from one read snapshot, so a job that was complete
-        has all its entries in the response; the chunks are read as they are sent, never all at once."""
+        has all its entries in the response. A log that fits in one chunk comes back as one string (so the
+        response has a length and the connection stays open); a longer one as an iterator of chunks, read
+        from the database as they are sent, never all at once."""
         db = self._reader()
         db.execute("BEGIN")
         try:
@@ -729,15 +745,21 @@ class JobStore:
             raise
         if offset >= count:
             db.execute("ROLLBACK")
-            return count, status in FINAL_STATUSES, iter(())
+            return count, status in FINAL_STATUSES, ""
+
+        cursor = db.execute(
+            "SELECT level || ': ' || message || char(10) FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?"
+            " ORDER BY seq",
+            (job_id, offset, count),
+        )
+        first = "".join(row[0] for row in cursor.fetchmany(chunk_rows))
+        if count - offset <= chunk_rows:
+            db.execute("ROLLBACK")
+            return count, status in FINAL_STATUSES, first
 
         def chunks():
             try:
-                cursor = db.execute(
-                    "SELECT level || ': ' || message || char(10) FROM logs"
-                    " WHERE job_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
-                    (job_id, offset, count),
-                )
+                yield first
                 while rows := cursor.fetchmany(chunk_rows):
                     yield "".join(row[0] for row in rows)
             finally:
@@ -1222,7 +1244,7 @@ class JobRunner:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self.stopping.is_set():
                         break
-                    watch[0].wait(min(remaining, 1.0))
+                    watch[0].wait(remaining)
             return met
         finally:
             with self.lock:
@@ -1238,6 +1260,8 @@ class JobRunner:
             self.accepting = False
             self.stopping.set()
             self.lock.notify_all()
+            for job_id in list(self.watchers):  # long polls answer now
+                self.notify(job_id)
             deadline = time.monotonic() + grace
             while self.running and (remaining := deadline - time.monotonic()) > 0 and not self.hurry.is_set():
                 self.lock.wait(min(remaining, 0.2))
@@ -1265,7 +1289,8 @@ class Maintenance:
         self.prune_every = min(3600.0, max(1.0, keep_days * 86400 / 4))
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="maintenance", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
+        self.thread.start()
 
     def _loop(self) -> None:
         next_prune = 0.0
@@ -1414,6 +1439,13 @@ def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> di
     return values
 
 
+def shutdown_app(app: Flask, grace: float) -> None:
+    """Stop what create_app started: no new jobs, running ones get `grace` seconds, then the store closes."""
+    app.extensions["job_runner"].shutdown(grace)
+    app.extensions["job_maintenance"].thread.join()
+    app.extensions["job_store"].close()
+
+
 def text_response(body, status: int = 200, headers: dict | None = None) -> Response:
     return Response(body, status=status, headers=headers, mimetype="text/plain")
 
@@ -1440,8 +1472,9 @@ def create_app(config: dict | None = None) -> Flask:
     except BaseException:
         store.close()
         raise
-    Maintenance(store, catalog, app.config["KEEP_DAYS"], runner.stopping).start()
-    app.extensions.update(job_store=store, job_templates=catalog, job_runner=runner)
+    maintenance = Maintenance(store, catalog, app.config["KEEP_DAYS"], runner.stopping)
+    maintenance.start()
+    app.extensions.update(job_store=store, job_templates=catalog, job_runner=runner, job_maintenance=maintenance)
 
     def find_job(params: RequestParameters) -> JobRecord:
         """The job a status, logs or cancel request names, once its key is checked."""
@@ -1587,7 +1620,7 @@ def main(argv: list[str] | None = None) -> int:
                                max_request_body_size=args.max_body + 1, ident="")  # waitress refuses >=
     except OSError as error:
         print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
-        runner.shutdown(0)
+        shutdown_app(app, 0)
         return 2
 
     stop = threading.Event()
@@ -1607,7 +1640,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish"
              " (Ctrl-C again to kill them now)")
-    runner.shutdown(args.grace)
+    shutdown_app(app, args.grace)
     server.close()
     log_line("stopped")
     return 0

@@ -54,8 +54,7 @@ def make_app(tmp_path):
 
     yield make
     for app in apps:
-        app.extensions["job_runner"].shutdown(grace=5)
-        app.extensions["job_store"].close()
+        server_module.shutdown_app(app, grace=5)
 
 
 def final_status(client, token, key=None, timeout=20):
