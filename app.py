@@ -672,21 +672,31 @@ class JobStore:
             "SELECT id, template_version FROM jobs WHERE status = ? ORDER BY id", (status,)
         ).fetchall()
 
+    def _write_later(self, operation) -> None:
+        """Queue a write without waiting for it: the single writer commits it before any later write."""
+        if not self._closed:
+            self._queue.put(PendingWrite(operation))
+
     def claim_job(self, job_id: int) -> dict[str, str] | None:
-        """Pending -> Executing; the job's variables, or None when it is no longer Pending."""
-        row = self._write(lambda db: db.execute(
-            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'"
-            " RETURNING variables",
-            (time.time(), job_id),
-        ).fetchone())
-        return json.loads(row[0]) if row else None
+        """Pending -> Executing; the job's variables, or None when it is no longer Pending.
+
+        Only the runner moves a queued job on, so the variables are read at once and the status change is
+        queued without waiting for its commit (finish_job, queued after it, accepts either status)."""
+        row = self._reader().execute(
+            "SELECT variables FROM jobs WHERE id = ? AND status = 'Pending'", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        started = time.time()
+        self._write_later(lambda db: db.execute(
+            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
+            (started, job_id),
+        ))
+        return json.loads(row[0])
 
     def set_process_group(self, job_id: int, group: int) -> None:
-        """Note the process group a job's step runs in, without waiting: it only serves to clean up after a
-        crash, and the single writer commits it before any later write of the job."""
-        self._queue.put(PendingWrite(
-            lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id))
-        ))
+        """Note the process group a job's step runs in (only to clean up after a crash), without waiting."""
+        self._write_later(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
 
     def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         entries = list(entries)  # the caller's buffer goes on growing
@@ -699,18 +709,17 @@ class JobStore:
             ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)),
         )
 
-    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None,
-                   from_status: str = EXECUTING) -> bool:
-        """Store the last log entries and the final status in one transaction; False if the job was not in
-        from_status (a cancel that lost a race, say)."""
+    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None) -> bool:
+        """Store the last log entries and the final status in one transaction; False (and nothing stored)
+        when the job was already final."""
         entries = list(entries)
         variables = None if variables is None else json.dumps(variables)
 
         def finish(db):
             changed = db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, process_group = NULL,"
-                " variables = coalesce(?, variables) WHERE id = ? AND status = ?",
-                (status, time.time(), variables, job_id, from_status),
+                " variables = coalesce(?, variables) WHERE id = ? AND status IN ('Pending', 'Executing')",
+                (status, time.time(), variables, job_id),
             ).rowcount
             if changed:
                 self._insert_logs(db, job_id, first_seq, entries)
@@ -1119,8 +1128,7 @@ class JobRunner:
             try:
                 template = self.catalog.version(version)
             except TemplateError as error:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")],
-                                      from_status=PENDING)
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")])
                 continue
             self._enqueue(job_id, template)
         for number in range(self.workers):
@@ -1212,7 +1220,7 @@ class JobRunner:
             execution = self.running.get(job_id)
         if queued:
             try:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")], from_status=PENDING)
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")])
             except sqlite3.Error:
                 with self.lock:  # still Pending in the store: it stays queued
                     queued[0].appendleft(queued[1])
