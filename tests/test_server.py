@@ -1,0 +1,697 @@
+"""A real `python app.py` on loopback: start-up errors, restart recovery, timeouts, orphans, limits, storage
+faults and job control (issue 2's start-up and recovery rules, issue 3, issue 4 with real processes).
+
+Every server gets a short --grace so that a test that fails half-way still tears down in a second."""
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, wait_for
+
+GRACE = ("--grace", "0.5")
+
+
+#
+# Helpers.
+#
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its reaper does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def read_pid(path: Path, timeout: float = 10) -> int:
+    def pid():
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    return wait_for(pid, timeout, what=f"a pid in {path}")
+
+
+def assert_gone(*pids: int, timeout: float = 5) -> None:
+    for pid in pids:
+        wait_for(lambda: not alive(pid), timeout, what=f"process {pid} to be gone")
+
+
+@pytest.fixture
+def leftovers():
+    """A list to put the pids of job processes in; any still running at the end is killed (and was a bug
+    that an assertion already reported)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def serve(start_server):
+    """start_server, and at the end stop what a failed test left running, closing its files (the stock
+    teardown leaves them open, which makes the next test fail on a ResourceWarning)."""
+    servers = []
+
+    def start(*args, **kwargs):
+        server = start_server(*args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if not server.stderr_file.closed:
+            try:
+                server.stop(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.wait()
+
+
+def logs(server, token, **params):
+    status, body, headers = server.get("/api/jobs/logs", token=token, **params)
+    assert status == 200, body
+    return body
+
+
+def wait_for_log(server, token, text, timeout=10):
+    """Follow the job's log (offset and wait) until `text` is in it; returns the log so far."""
+    deadline = time.monotonic() + timeout
+    seen, offset = "", 0
+    while text not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
+        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=min(remaining, 5))
+        assert status == 200, body
+        seen += body
+        offset = int(headers["X-Log-Offset"])
+        if headers["X-Job-Complete"] == "true" and text not in seen:
+            raise AssertionError(f"job {token} ended without logging {text!r}; log: {seen!r}")
+    return seen
+
+
+def run_app(*args, timeout=30):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def status_word(server, token, **params):
+    status, body, _ = server.get("/api/jobs/status", token=token, **params)
+    assert status == 200, body
+    return body
+
+
+#
+# Start-up errors.
+#
+
+GOOD_TEMPLATES = """
+[hello]
+[[hello.steps]]
+log = "hi"
+"""
+
+
+def assert_one_clear_line(result, *needles):
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "", "nothing may be served"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_malformed_toml_names_file_and_line(tmp_path):
+    templates = tmp_path / "broken.toml"
+    templates.write_text('[hello]\ndescription = "fine"\n\n[[hello.steps]\nlog = "hi"\n')
+    result = run_app("--port", "0", "--templates", str(templates), "--db", str(tmp_path / "jobs.db"))
+    line = assert_one_clear_line(result, str(templates))
+    assert re.search(r"line 4\b", line), line
+
+
+@pytest.mark.parametrize("toml, field", [
+    ('[hello]\ncolour = "red"\n[[hello.steps]]\nlog = "x"\n', "colour"),
+    ('[hello]\n[[hello.steps]]\nlog = "x"\nrun = "true"\n', "steps[0]"),
+    ('[hello]\n[[hello.steps]]\nlog = "x"\nlevel = "LOUD"\n', "level"),
+    ('[hello]\n[hello.variables]\nA = { pattern = "(" }\n[[hello.steps]]\nlog = "x"\n', "pattern"),
+    ('[hello]\n[[hello.steps]]\nlog = "$Nowhere"\n', "Nowhere"),
+])
+def test_invalid_template_field_is_named(tmp_path, toml, field):
+    templates = tmp_path / "templates.toml"
+    templates.write_text(toml)
+    result = run_app("--port", "0", "--templates", str(templates), "--db", str(tmp_path / "jobs.db"))
+    assert_one_clear_line(result, "hello", field)
+
+
+@pytest.mark.parametrize("where", ["missing-directory", "directory"])
+def test_unwritable_database_path(tmp_path, where):
+    templates = tmp_path / "templates.toml"
+    templates.write_text(GOOD_TEMPLATES)
+    db = tmp_path / "no" / "such" / "dir" / "jobs.db" if where == "missing-directory" else tmp_path
+    result = run_app("--port", "0", "--templates", str(templates), "--db", str(db))
+    assert_one_clear_line(result, str(db))
+
+
+def test_port_in_use(tmp_path):
+    templates = tmp_path / "templates.toml"
+    templates.write_text(GOOD_TEMPLATES)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_app("--port", str(port), "--templates", str(templates), "--db", str(tmp_path / "jobs.db"))
+    assert_one_clear_line(result, str(port))
+
+
+def test_help_exits_zero():
+    result = run_app("--help")
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--templates", "--db", "--workers", "--grace", "--max-body",
+                   "--max-pending", "--keep-days"):
+        assert option in result.stdout
+
+
+#
+# Restart recovery.
+#
+
+RECOVERY_TEMPLATES = """
+[block]
+[block.variables]
+Dir = ""
+[[block.steps]]
+run = 'sleep 300 & echo $! > "$Dir/grandchild"; echo $$ > "$Dir/child"; echo started; wait'
+
+[quick]
+[[quick.steps]]
+run = 'echo "quick ran"'
+"""
+
+
+def test_restart_ends_executing_in_error_and_runs_pending(serve, tmp_path, leftovers):
+    server = serve(RECOVERY_TEMPLATES, "--workers", "1", *GRACE)
+    executing = server.trigger("block", Dir=str(tmp_path))
+    wait_for_log(server, executing, "started")
+    pending = server.trigger("quick")
+    assert status_word(server, executing) == "Executing"
+    assert status_word(server, pending) == "Pending"
+    child, grandchild = read_pid(tmp_path / "child"), read_pid(tmp_path / "grandchild")
+    leftovers += [child, grandchild]
+
+    server.kill()
+    assert alive(child) and alive(grandchild), "a killed server cannot clean up: the restart has to"
+
+    again = serve(RECOVERY_TEMPLATES, "--workers", "1", *GRACE, db=server.db)
+    assert again.final_status(executing, timeout=10) == "Error"
+    lines = logs(again, executing).splitlines()
+    assert lines[0] == "INFO: started"
+    assert len(lines) == 2 and re.match(r"ERROR: .*server (stopped|restarted).* while", lines[1], re.I), lines
+    assert_gone(child, grandchild)
+
+    assert again.final_status(pending, timeout=10) == "Succeeded"
+    assert logs(again, pending) == "INFO: quick ran\n"
+    assert again.stop() == 0
+
+
+#
+# Timeouts kill the whole process group.
+#
+
+TIMEOUT_TEMPLATES = """
+[step_timeout]
+[step_timeout.variables]
+Dir = ""
+[[step_timeout.steps]]
+run = 'sleep 300 & echo $! > "$Dir/grandchild"; echo $$ > "$Dir/child"; echo started; sleep 300'
+timeout = 1
+[[step_timeout.steps]]
+log = "never logged"
+
+[job_timeout]
+timeout = 1
+[job_timeout.variables]
+Dir = ""
+[[job_timeout.steps]]
+log = "first step"
+[[job_timeout.steps]]
+run = 'sleep 300 & echo $! > "$Dir/grandchild"; echo $$ > "$Dir/child"; echo started; sleep 300'
+timeout = 60
+[[job_timeout.steps]]
+log = "never logged"
+"""
+
+
+@pytest.mark.parametrize("template, first_lines, reason", [
+    ("step_timeout", ["INFO: started"], r"ERROR: Step timed out"),
+    ("job_timeout", ["INFO: first step", "INFO: started"], r"ERROR: Job timed out"),
+])
+def test_timeout_kills_child_and_grandchild(serve, tmp_path, leftovers, template, first_lines, reason):
+    server = serve(TIMEOUT_TEMPLATES, *GRACE)
+    started = time.monotonic()
+    token = server.trigger(template, Dir=str(tmp_path))
+    child, grandchild = read_pid(tmp_path / "child"), read_pid(tmp_path / "grandchild")
+    leftovers += [child, grandchild]
+    assert server.final_status(token, timeout=20) == "Error"
+    assert time.monotonic() - started < 8, "a 1 s timeout"
+    assert_gone(child, grandchild)
+    lines = logs(server, token).splitlines()
+    assert lines[:-1] == first_lines, lines
+    assert re.match(reason, lines[-1]), lines
+    assert server.stop() == 0
+
+
+#
+# No orphans after a step exits.
+#
+
+ORPHAN_TEMPLATES = """
+[detached]
+[detached.variables]
+Dir = ""
+[[detached.steps]]
+run = 'sleep 300 >/dev/null 2>&1 & echo $! > "$Dir/background"; echo done'
+
+[holds_output]
+[holds_output.variables]
+Dir = ""
+[[holds_output.steps]]
+run = 'sleep 300 & echo $! > "$Dir/background"; echo done'
+[[holds_output.steps]]
+log = "next step"
+"""
+
+
+def test_background_child_killed_when_step_exits(serve, tmp_path, leftovers):
+    server = serve(ORPHAN_TEMPLATES, *GRACE)
+    token = server.trigger("detached", Dir=str(tmp_path))
+    background = read_pid(tmp_path / "background")
+    leftovers.append(background)
+    assert server.final_status(token) == "Succeeded"
+    assert logs(server, token) == "INFO: done\n"
+    assert_gone(background)
+    assert server.stop() == 0
+
+
+def test_background_child_holding_output_is_killed_with_a_warning(serve, tmp_path, leftovers):
+    server = serve(ORPHAN_TEMPLATES, *GRACE)
+    started = time.monotonic()
+    token = server.trigger("holds_output", Dir=str(tmp_path))
+    background = read_pid(tmp_path / "background")
+    leftovers.append(background)
+    assert server.final_status(token, timeout=15) == "Warning"
+    assert time.monotonic() - started < 10, "the leftover grace is short"
+    assert_gone(background)
+    lines = logs(server, token).splitlines()
+    assert lines[0] == "INFO: done" and lines[-1] == "INFO: next step", lines
+    warnings = [line for line in lines if line.startswith("WARN: ")]
+    assert len(warnings) == 1 and len(lines) == 3, lines
+    assert server.stop() == 0
+
+
+#
+# Limits.
+#
+
+LIMIT_TEMPLATES = """
+[hello]
+[hello.variables]
+Pad = ""
+[[hello.steps]]
+log = "hi"
+
+[gate]
+[gate.variables]
+Dir = ""
+[[gate.steps]]
+run = 'echo started; while [ ! -e "$Dir/go" ]; do sleep 0.02; done'
+
+[chatty]
+max_log_bytes = 1000
+[[chatty.steps]]
+run = 'seq 1 100000'
+[[chatty.steps]]
+log = "after the flood"
+"""
+
+
+def test_max_body(serve):
+    server = serve(LIMIT_TEMPLATES, "--max-body", "100", *GRACE)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    fits = "template=hello&Pad=" + "x" * (100 - len("template=hello&Pad="))
+    status, token, _ = server.request("POST", "/api/jobs/trigger", body=fits, headers=form)
+    assert status == 200, f"a body of exactly --max-body bytes is allowed: {token}"
+    assert server.final_status(token) == "Succeeded"
+    for size in (101, 5000):
+        status, body, _ = server.request("POST", "/api/jobs/trigger", body=fits + "x" * (size - 100), headers=form)
+        assert status == 413, body
+        assert "large" in body.lower() and "Traceback" not in body, body
+    assert server.stop() == 0
+
+
+def test_max_pending_answers_503_with_retry_after(serve, tmp_path):
+    server = serve(LIMIT_TEMPLATES, "--workers", "1", "--max-pending", "2", *GRACE)
+    gate = server.trigger("gate", Dir=str(tmp_path))
+    wait_for_log(server, gate, "started")
+    queued = [server.trigger("hello"), server.trigger("hello")]
+    status, body, headers = server.get("/api/jobs/trigger", template="hello")
+    assert status == 503, body
+    assert int(headers["Retry-After"]) > 0
+    assert "queue" in body.lower() or "pending" in body.lower(), body
+    (tmp_path / "go").touch()
+    for token in [gate, *queued]:
+        assert server.final_status(token) == "Succeeded"
+    assert status_word(server, server.trigger("hello")) in ("Pending", "Executing", "Succeeded")
+    assert server.stop() == 0
+
+
+def test_max_log_bytes_bounds_the_stored_log(serve):
+    server = serve(LIMIT_TEMPLATES, *GRACE)
+    token = server.trigger("chatty")
+    assert server.final_status(token, timeout=30) == "Warning"
+    lines = logs(server, token).splitlines()
+
+    kept, used = [], 0
+    for number in range(1, 100001):
+        if used + len(str(number)) > 1000:
+            break
+        used += len(str(number))
+        kept.append(f"INFO: {number}")
+    dropped_lines = 100000 - len(kept)
+    dropped_bytes = sum(len(str(n)) for n in range(len(kept) + 1, 100001))
+
+    assert lines[:len(kept)] == kept
+    rest = lines[len(kept):]
+    assert "INFO: after the flood" in rest, "the job goes on after the limit"
+    warnings = [line for line in rest if line.startswith("WARN: ")]
+    assert len(warnings) == 1 and len(rest) == 2, rest
+    assert str(dropped_bytes) in warnings[0] or str(dropped_bytes + dropped_lines) in warnings[0], warnings
+    assert server.stop() == 0
+
+
+#
+# Storage faults.
+#
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+db.close()
+"""
+
+
+def test_locked_database_answers_503_then_recovers(serve):
+    server = serve(LIMIT_TEMPLATES, *GRACE)
+    before = server.trigger("hello")
+    assert server.final_status(before) == "Succeeded"
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(server.db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        started = time.monotonic()
+        status, body, headers = server.get("/api/jobs/trigger", template="hello")
+        elapsed = time.monotonic() - started
+        assert status == 503, body
+        assert elapsed < 15, f"the 503 took {elapsed:.1f} s"
+        assert "Traceback" not in body and len(body) < 300 and body.strip(), body
+        assert re.search(r"store|database|storage", body, re.I), body
+        # Reads go on while another program holds the write lock (WAL).
+        assert status_word(server, before) == "Succeeded"
+        assert logs(server, before) == "INFO: hi\n"
+    finally:
+        locker.communicate("release\n", timeout=10)
+    assert locker.returncode == 0
+    after = server.trigger("hello")
+    assert after == str(int(before) + 1), "the refused trigger left no job behind"
+    assert server.final_status(after) == "Succeeded"
+    assert logs(server, after) == "INFO: hi\n"
+    assert "Traceback" not in server.stderr()
+    assert server.stop() == 0
+
+
+#
+# Job control (issue 4) with real processes: cancel, wait, follow, reload.
+#
+
+CONTROL_TEMPLATES = """
+[gate]
+[gate.variables]
+Dir = ""
+[[gate.steps]]
+run = 'echo started; while [ ! -e "$Dir/go" ]; do sleep 0.02; done; echo released'
+
+[marker]
+[marker.variables]
+Dir = ""
+[[marker.steps]]
+run = 'touch "$Dir/marker-ran"; echo ran'
+
+[forever]
+[forever.variables]
+Dir = ""
+[[forever.steps]]
+run = 'trap "echo got TERM; exit 143" TERM; sleep 300 & echo $! > "$Dir/forever.grandchild"; echo $$ > "$Dir/forever.child"; echo started; wait'
+
+[stubborn]
+[stubborn.variables]
+Dir = ""
+[[stubborn.steps]]
+run = 'trap "" TERM; sleep 300 & echo $! > "$Dir/stubborn.grandchild"; echo started; wait; wait; wait'
+
+[short]
+[[short.steps]]
+run = 'sleep 0.3; echo finished'
+
+[pause]
+[[pause.steps]]
+run = 'sleep 1.5'
+
+[ticker]
+[[ticker.steps]]
+run = 'for i in $(seq 1 30); do echo "tick $i"; sleep 0.01; done'
+[[ticker.steps]]
+log = "multi\\nline"
+level = "WARN"
+"""
+
+
+def cancel(server, token):
+    status, body, _ = server.get("/api/jobs/cancel", token=token)
+    assert status == 200, body
+    return body
+
+
+def test_cancel_pending_job_never_starts(serve, tmp_path):
+    server = serve(CONTROL_TEMPLATES, "--workers", "1", *GRACE)
+    gate = server.trigger("gate", Dir=str(tmp_path))
+    wait_for_log(server, gate, "started")
+    pending = server.trigger("marker", Dir=str(tmp_path))
+    after = server.trigger("short")
+    assert cancel(server, pending) == "Error"
+    assert logs(server, pending) == "ERROR: Job canceled\n"
+    (tmp_path / "go").touch()
+    assert server.final_status(gate) == "Succeeded"
+    assert server.final_status(after) == "Succeeded"  # triggered later, so the canceled job had its turn
+    assert not (tmp_path / "marker-ran").exists()
+    assert status_word(server, pending) == "Error"
+    assert logs(server, pending) == "ERROR: Job canceled\n"
+    assert server.stop() == 0
+
+
+def test_cancel_executing_job_kills_its_process_group(serve, tmp_path, leftovers):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("forever", Dir=str(tmp_path))
+    wait_for_log(server, token, "started")
+    child, grandchild = read_pid(tmp_path / "forever.child"), read_pid(tmp_path / "forever.grandchild")
+    leftovers += [child, grandchild]
+    started = time.monotonic()
+    assert cancel(server, token) == "Error"
+    assert time.monotonic() - started < 3, "SIGTERM ends a job that exits on it at once"
+    lines = logs(server, token).splitlines()
+    assert lines[0] == "INFO: started" and len(lines) == 3, lines
+    assert sorted(lines[1:]) == ["ERROR: Job canceled", "INFO: got TERM"], "SIGTERM first, and the job saw it"
+    assert_gone(child, grandchild)
+    assert server.stop() == 0
+
+
+def test_cancel_job_that_traps_term_is_killed_after_a_few_seconds(serve, tmp_path, leftovers):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("stubborn", Dir=str(tmp_path))
+    wait_for_log(server, token, "started")
+    grandchild = read_pid(tmp_path / "stubborn.grandchild")
+    leftovers.append(grandchild)
+    started = time.monotonic()
+    assert cancel(server, token) == "Error"
+    elapsed = time.monotonic() - started
+    assert 1 <= elapsed < 12, f"SIGKILL came {elapsed:.1f} s after SIGTERM"
+    assert logs(server, token) == "INFO: started\nERROR: Job canceled\n"
+    assert_gone(grandchild)
+    assert server.stop() == 0
+
+
+def test_cancel_finished_job_leaves_it(serve):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("short")
+    assert server.final_status(token) == "Succeeded"
+    assert cancel(server, token) == "Succeeded"
+    assert status_word(server, token) == "Succeeded"
+    assert logs(server, token) == "INFO: finished\n"
+    assert server.stop() == 0
+
+
+def test_status_wait_returns_when_the_job_ends(serve, tmp_path):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("gate", Dir=str(tmp_path))
+    wait_for_log(server, token, "started")
+    release = threading.Timer(0.3, (tmp_path / "go").touch)
+    started = time.monotonic()
+    release.start()
+    try:
+        assert status_word(server, token, wait=20) == "Succeeded"
+    finally:
+        release.join()
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 0.9, f"status&wait answered after {elapsed:.2f} s for a job that ended at 0.3 s"
+
+
+def test_status_wait_returns_executing_after_the_wait(serve, tmp_path):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("gate", Dir=str(tmp_path))
+    wait_for_log(server, token, "started")
+    started = time.monotonic()
+    assert status_word(server, token, wait=0.7) == "Executing"
+    elapsed = time.monotonic() - started
+    assert 0.65 <= elapsed < 3, elapsed
+    (tmp_path / "go").touch()
+    assert server.final_status(token) == "Succeeded"
+    assert server.stop() == 0
+
+
+def test_logs_tail_loop_sees_every_entry_once(serve):
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("ticker")
+    seen, offset = [], 0
+    for _ in range(200):
+        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=10)
+        assert status == 200, body
+        seen += body.splitlines()
+        assert int(headers["X-Log-Offset"]) == offset + body.count("\n")
+        offset = int(headers["X-Log-Offset"])
+        if headers["X-Job-Complete"] == "true":
+            break
+    else:
+        raise AssertionError("the job never completed")
+    expected = [f"INFO: tick {i}" for i in range(1, 31)] + ["WARN: multi", "WARN: line"]
+    assert seen == expected
+    assert logs(server, token) == "".join(line + "\n" for line in expected)
+    status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=5)
+    assert (status, body, headers["X-Log-Offset"], headers["X-Job-Complete"]) == (200, "", str(offset), "true")
+    assert server.stop() == 0
+
+
+def test_logs_response_keeps_the_connection_alive(serve):
+    """A small log is answered with a Content-Length, so an HTTP/1.1 client keeps its connection."""
+    server = serve(CONTROL_TEMPLATES, *GRACE)
+    token = server.trigger("short")
+    assert server.final_status(token) == "Succeeded"
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for query in (f"token={token}", f"token={token}&offset=0", f"token={token}&offset=1&wait=1"):
+            connection.request("GET", f"/api/jobs/logs?{query}")
+            response = connection.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, body
+            assert response.getheader("Connection", "").lower() != "close", (query, response.getheaders())
+            assert connection.sock is not None, query
+        connection.request("GET", f"/api/jobs/status?token={token}")
+        assert connection.getresponse().read() == b"Succeeded"
+    finally:
+        connection.close()
+    assert server.stop() == 0
+
+
+RELOAD_V1 = CONTROL_TEMPLATES + """
+[greet]
+[[greet.steps]]
+log = "version 1"
+"""
+
+
+def reload_lines(server, word):
+    return [line for line in server.stderr().splitlines() if "templates" in line and word in line]
+
+
+def test_sighup_and_file_change_reload(serve, tmp_path):
+    server = serve(RELOAD_V1, "--workers", "1", *GRACE)
+    path = server.templates
+    gate = server.trigger("gate", Dir=str(tmp_path))
+    wait_for_log(server, gate, "started")
+    queued = server.trigger("greet")  # Pending with version 1
+
+    # SIGHUP: the same size and mtime, so only the signal can make the server see the change.
+    stamp = path.stat()
+    path.write_text(textwrap.dedent(RELOAD_V1).replace("version 1", "version 2"))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: reload_lines(server, "reloaded"), 10, what="the SIGHUP reload")
+    fresh = server.trigger("greet")
+    (tmp_path / "go").touch()
+    assert server.final_status(queued) == "Succeeded"
+    assert logs(server, queued) == "INFO: version 1\n", "a job keeps the template it was triggered with"
+    assert server.final_status(fresh) == "Succeeded"
+    assert logs(server, fresh) == "INFO: version 2\n"
+
+    # A change to the file is picked up without a signal.
+    path.write_text(textwrap.dedent(RELOAD_V1).replace("version 1", "version three") +
+                    '\n[added]\n[[added.steps]]\nlog = "new template"\n')
+    wait_for(lambda: server.get("/api/jobs/trigger", template="added")[0] == 200, 10, interval=0.1,
+             what="the file-change reload")
+    token = server.trigger("greet")
+    assert server.final_status(token) == "Succeeded"
+    assert logs(server, token) == "INFO: version three\n"
+
+    # A bad file is refused with one line on stderr; the templates in force stay.
+    assert not reload_lines(server, "not reloaded")
+    path.write_text("[greet\nlog = 'broken'\n")
+    wait_for(lambda: reload_lines(server, "not reloaded"), 10, what="the refusal of a bad file")
+    token = server.trigger("greet")
+    assert server.final_status(token) == "Succeeded"
+    assert logs(server, token) == "INFO: version three\n"
+    pause = server.trigger("pause")  # the file watcher looks at the unchanged bad file once more meanwhile
+    assert server.final_status(pause) == "Succeeded"
+    refusals = reload_lines(server, "not reloaded")
+    assert len(refusals) == 1, refusals
+    assert str(path) in refusals[0] and "line 1" in refusals[0], refusals
+    assert "Traceback" not in server.stderr()
+    assert server.stop() == 0
