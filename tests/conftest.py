@@ -38,6 +38,52 @@ def wait_for(condition, timeout=10.0, interval=0.01, what="a condition"):
         time.sleep(interval)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its reaper does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def read_pid(path: Path, timeout: float = 10) -> int:
+    """Wait until a job has written its pid to `path`; returns it."""
+    def pid():
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    return wait_for(pid, timeout, what=f"a pid in {path}")
+
+
+def assert_gone(*pids: int, timeout: float = 5) -> None:
+    for pid in pids:
+        wait_for(lambda: not alive(pid), timeout, what=f"process {pid} to be gone")
+
+
+@pytest.fixture
+def leftovers():
+    """A list to put the pids of job processes in; any still running at the end is killed (and was a bug
+    that an assertion already reported)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture
 def make_app(tmp_path):
     """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on a tmp_path database."""
@@ -178,3 +224,38 @@ def start_server(tmp_path):
                 os.killpg(server.process.pid, signal.SIGKILL)
                 server.process.wait()
         server.close_files()
+
+
+#
+# Small helpers on a ServerProcess.
+#
+
+
+def status_word(server, token, **params):
+    """The job's status word (GET /api/jobs/status, which must answer 200)."""
+    status, body, _ = server.get("/api/jobs/status", token=token, **params)
+    assert status == 200, body
+    return body
+
+
+def logs(server, token, **params):
+    """The job's log text (GET /api/jobs/logs, which must answer 200)."""
+    status, body, headers = server.get("/api/jobs/logs", token=token, **params)
+    assert status == 200, body
+    return body
+
+
+def wait_for_log(server, token, text, timeout=10):
+    """Follow the job's log (offset and wait) until `text` is in it; returns the log so far."""
+    deadline = time.monotonic() + timeout
+    seen, offset = "", 0
+    while text not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
+        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=min(remaining, 5))
+        assert status == 200, body
+        seen += body
+        offset = int(headers["X-Log-Offset"])
+        if headers["X-Job-Complete"] == "true" and text not in seen:
+            raise AssertionError(f"job {token} ended without logging {text!r}; log: {seen!r}")
+    return seen

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import assert_gone, logs, read_pid, status_word, wait_for, wait_for_log
 
 FINAL = ("Succeeded", "Warning", "Error")
 WORDS = ("Pending", "Executing", *FINAL)
@@ -24,87 +23,8 @@ LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "5"))
 
 
 #
-# Helpers (the same small ones as test_server.py; test files do not import each other).
+# Helpers.
 #
-
-
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie waiting for its reaper does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def read_pid(path: Path, timeout: float = 10) -> int:
-    def pid():
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    return wait_for(pid, timeout, what=f"a pid in {path}")
-
-
-@pytest.fixture
-def leftovers():
-    """Pids of job processes; any still running at the end is killed (an assertion already reported it)."""
-    pids = []
-    yield pids
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture
-def serve(start_server):
-    """start_server, and at the end stop what a failed test left running, closing its files."""
-    servers = []
-
-    def start(*args, **kwargs):
-        server = start_server(*args, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if not server.stderr_file.closed:
-            try:
-                server.stop(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.process.pid, signal.SIGKILL)
-                server.wait()
-
-
-def logs(server, token):
-    status, body, _ = server.get("/api/jobs/logs", token=token)
-    assert status == 200, body
-    return body
-
-
-def wait_for_log(server, token, text, timeout=10):
-    deadline = time.monotonic() + timeout
-    seen, offset = "", 0
-    while text not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
-        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=min(remaining, 5))
-        assert status == 200, body
-        seen += body
-        offset = int(headers["X-Log-Offset"])
-        assert headers["X-Job-Complete"] == "false" or text in seen, f"job {token} ended: {seen!r}"
-    return seen
 
 
 def read_db(path, sql, params=()):
@@ -159,14 +79,14 @@ def run_threads(count, target, timeout):
 #
 
 
-def test_kill_9_mid_stream_loses_no_accepted_job(serve, tmp_path, leftovers):
+def test_kill_9_mid_stream_loses_no_accepted_job(start_server, tmp_path, leftovers):
     gate = tmp_path / "go"
     templates = f"""
     [work]
     [[work.steps]]
     run = '[ -e "{gate}" ] || sleep 300; echo done'
     """
-    server = serve(templates, "--workers", "2", "--grace", "0.5")
+    server = start_server(templates, "--workers", "2", "--grace", "0.5")
     received = [[] for _ in range(8)]
     refusals = []
 
@@ -203,7 +123,7 @@ def test_kill_9_mid_stream_loses_no_accepted_job(serve, tmp_path, leftovers):
 
     gate.touch()
     restarted = time.monotonic()
-    again = serve(templates, "--workers", "4", "--grace", "0.5", db=server.db)
+    again = start_server(templates, "--workers", "4", "--grace", "0.5", db=server.db)
     statuses = {token: again.final_status(token, timeout=30) for token in tokens}
     wait_for(lambda: not read_db(again.db, "SELECT id FROM jobs WHERE status IN ('Pending', 'Executing')"), 30,
              interval=0.05, what="every job in the store to be final")
@@ -222,8 +142,7 @@ def test_kill_9_mid_stream_loses_no_accepted_job(serve, tmp_path, leftovers):
     for token, status in statuses.items():
         if token not in interrupted:
             assert status == "Succeeded" and logs(again, token) == "INFO: done\n", token
-    for group in filter(None, executing.values()):
-        wait_for(lambda: not alive(group), 5, what=f"the interrupted job's process {group} to be gone")
+    assert_gone(*filter(None, executing.values()))
     assert drained < 30
     assert again.stop() == 0
     assert "Traceback" not in again.stderr()
@@ -253,8 +172,8 @@ log = "later ran"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_graceful_shutdown(serve, tmp_path, leftovers, signum):
-    server = serve(SHUTDOWN_TEMPLATES, "--workers", "2", "--grace", "1.5")
+def test_graceful_shutdown(start_server, tmp_path, leftovers, signum):
+    server = start_server(SHUTDOWN_TEMPLATES, "--workers", "2", "--grace", "1.5")
     finishes = server.trigger("finishes", Dir=str(tmp_path))
     stuck = server.trigger("stuck", Dir=str(tmp_path))
     wait_for_log(server, finishes, "started")
@@ -262,7 +181,7 @@ def test_graceful_shutdown(serve, tmp_path, leftovers, signum):
     later = server.trigger("later")
     child, grandchild = read_pid(tmp_path / "stuck.child"), read_pid(tmp_path / "stuck.grandchild")
     leftovers += [child, grandchild]
-    assert server.get("/api/jobs/status", token=later)[:2] == (200, "Pending")
+    assert status_word(server, later) == "Pending"
 
     signalled = time.monotonic()
     server.signal(signum)
@@ -277,14 +196,13 @@ def test_graceful_shutdown(serve, tmp_path, leftovers, signum):
     assert server.wait(timeout=20) == 0
     elapsed = time.monotonic() - signalled
     assert elapsed < 10, f"shutdown took {elapsed:.1f} s with --grace 1.5"
-    for pid in (child, grandchild):
-        wait_for(lambda: not alive(pid), 5, what=f"the killed job's process {pid} to be gone")
+    assert_gone(child, grandchild)
     assert "Traceback" not in server.stderr()
 
     stored = dict(read_db(server.db, "SELECT id, status FROM jobs"))
     assert stored == {int(finishes): "Succeeded", int(stuck): "Error", int(later): "Pending"}
 
-    again = serve(SHUTDOWN_TEMPLATES, "--workers", "2", "--grace", "0.5", db=server.db)
+    again = start_server(SHUTDOWN_TEMPLATES, "--workers", "2", "--grace", "0.5", db=server.db)
     assert again.final_status(later) == "Succeeded"
     assert logs(again, later) == "INFO: later ran\n"
     assert logs(again, finishes) == "INFO: started\nINFO: done\n"
@@ -321,8 +239,8 @@ def expected_load(template, token, number):
     return "Succeeded", f"INFO: quick {token}\n"
 
 
-def test_load_64_keep_alive_clients(serve):
-    server = serve(LOAD_TEMPLATES, "--grace", "0.5")
+def test_load_64_keep_alive_clients(start_server):
+    server = start_server(LOAD_TEMPLATES, "--grace", "0.5")
     deadline = time.monotonic() + LOAD_SECONDS
     problems, statuses, jobs, requests = [], [], [], []
     clients = [KeepAliveClient(server.port) for _ in range(64)]
@@ -373,7 +291,7 @@ def test_load_64_keep_alive_clients(serve):
     assert len(jobs) >= 64, "every client finished at least one job"
     assert [c.connects for c in clients] == [1] * 64, "each client kept its one connection alive"
     for token, final in jobs[::max(1, len(jobs) // 200)]:  # a sample, read again once the load is over
-        assert server.get("/api/jobs/status", token=token)[:2] == (200, final)
+        assert status_word(server, token) == final
     assert not read_db(server.db, "SELECT id FROM jobs WHERE status NOT IN ('Succeeded', 'Warning', 'Error')")
     assert "database is locked" not in server.stderr()
     assert "Traceback" not in server.stderr()
@@ -409,9 +327,9 @@ def store_size(db: Path) -> int:
     return db.stat().st_size
 
 
-def test_keep_days_prunes_old_jobs_and_the_file_stops_growing(serve, tmp_path):
+def test_keep_days_prunes_old_jobs_and_the_file_stops_growing(start_server, tmp_path):
     # 0.00001 days is 0.86 s; the prune runs every max(1 s, keep / 4) = 1 s.
-    server = serve(PRUNE_TEMPLATES, "--keep-days", "0.00001", "--grace", "0.5")
+    server = start_server(PRUNE_TEMPLATES, "--keep-days", "0.00001", "--grace", "0.5")
     running = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, running, "started")
     empty = store_size(server.db)
@@ -434,7 +352,7 @@ def test_keep_days_prunes_old_jobs_and_the_file_stops_growing(serve, tmp_path):
     growth = full[0] - empty
     assert growth > 1_000_000
     assert max(full + pruned) < full[0] + growth / 2, "the file does not keep growing"
-    assert server.get("/api/jobs/status", token=running)[:2] == (200, "Executing"), "unfinished jobs are kept"
+    assert status_word(server, running) == "Executing", "unfinished jobs are kept"
     (tmp_path / "go").touch()
     assert server.final_status(running) == "Succeeded"
     assert server.stop() == 0

@@ -13,11 +13,10 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, alive, assert_gone, logs, read_pid, status_word, wait_for, wait_for_log
 
 GRACE = ("--grace", "0.5")
 
@@ -27,103 +26,9 @@ GRACE = ("--grace", "0.5")
 #
 
 
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie waiting for its reaper does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def read_pid(path: Path, timeout: float = 10) -> int:
-    def pid():
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    return wait_for(pid, timeout, what=f"a pid in {path}")
-
-
-def assert_gone(*pids: int, timeout: float = 5) -> None:
-    for pid in pids:
-        wait_for(lambda: not alive(pid), timeout, what=f"process {pid} to be gone")
-
-
-@pytest.fixture
-def leftovers():
-    """A list to put the pids of job processes in; any still running at the end is killed (and was a bug
-    that an assertion already reported)."""
-    pids = []
-    yield pids
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture
-def serve(start_server):
-    """start_server, and at the end stop what a failed test left running, closing its files (the stock
-    teardown leaves them open, which makes the next test fail on a ResourceWarning)."""
-    servers = []
-
-    def start(*args, **kwargs):
-        server = start_server(*args, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if not server.stderr_file.closed:
-            try:
-                server.stop(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.process.pid, signal.SIGKILL)
-                server.wait()
-
-
-def logs(server, token, **params):
-    status, body, headers = server.get("/api/jobs/logs", token=token, **params)
-    assert status == 200, body
-    return body
-
-
-def wait_for_log(server, token, text, timeout=10):
-    """Follow the job's log (offset and wait) until `text` is in it; returns the log so far."""
-    deadline = time.monotonic() + timeout
-    seen, offset = "", 0
-    while text not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
-        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=min(remaining, 5))
-        assert status == 200, body
-        seen += body
-        offset = int(headers["X-Log-Offset"])
-        if headers["X-Job-Complete"] == "true" and text not in seen:
-            raise AssertionError(f"job {token} ended without logging {text!r}; log: {seen!r}")
-    return seen
-
-
 def run_app(*args, timeout=30):
     return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def status_word(server, token, **params):
-    status, body, _ = server.get("/api/jobs/status", token=token, **params)
-    assert status == 200, body
-    return body
 
 
 #
@@ -215,8 +120,8 @@ run = 'echo "quick ran"'
 """
 
 
-def test_restart_ends_executing_in_error_and_runs_pending(serve, tmp_path, leftovers):
-    server = serve(RECOVERY_TEMPLATES, "--workers", "1", *GRACE)
+def test_restart_ends_executing_in_error_and_runs_pending(start_server, tmp_path, leftovers):
+    server = start_server(RECOVERY_TEMPLATES, "--workers", "1", *GRACE)
     executing = server.trigger("block", Dir=str(tmp_path))
     wait_for_log(server, executing, "started")
     pending = server.trigger("quick")
@@ -228,7 +133,7 @@ def test_restart_ends_executing_in_error_and_runs_pending(serve, tmp_path, lefto
     server.kill()
     assert alive(child) and alive(grandchild), "a killed server cannot clean up: the restart has to"
 
-    again = serve(RECOVERY_TEMPLATES, "--workers", "1", *GRACE, db=server.db)
+    again = start_server(RECOVERY_TEMPLATES, "--workers", "1", *GRACE, db=server.db)
     assert again.final_status(executing, timeout=10) == "Error"
     lines = logs(again, executing).splitlines()
     assert lines[0] == "INFO: started"
@@ -272,8 +177,8 @@ log = "never logged"
     ("step_timeout", ["INFO: started"], r"ERROR: Step timed out"),
     ("job_timeout", ["INFO: first step", "INFO: started"], r"ERROR: Job timed out"),
 ])
-def test_timeout_kills_child_and_grandchild(serve, tmp_path, leftovers, template, first_lines, reason):
-    server = serve(TIMEOUT_TEMPLATES, *GRACE)
+def test_timeout_kills_child_and_grandchild(start_server, tmp_path, leftovers, template, first_lines, reason):
+    server = start_server(TIMEOUT_TEMPLATES, *GRACE)
     started = time.monotonic()
     token = server.trigger(template, Dir=str(tmp_path))
     child, grandchild = read_pid(tmp_path / "child"), read_pid(tmp_path / "grandchild")
@@ -308,8 +213,8 @@ log = "next step"
 """
 
 
-def test_background_child_killed_when_step_exits(serve, tmp_path, leftovers):
-    server = serve(ORPHAN_TEMPLATES, *GRACE)
+def test_background_child_killed_when_step_exits(start_server, tmp_path, leftovers):
+    server = start_server(ORPHAN_TEMPLATES, *GRACE)
     token = server.trigger("detached", Dir=str(tmp_path))
     background = read_pid(tmp_path / "background")
     leftovers.append(background)
@@ -319,8 +224,8 @@ def test_background_child_killed_when_step_exits(serve, tmp_path, leftovers):
     assert server.stop() == 0
 
 
-def test_background_child_holding_output_is_killed_with_a_warning(serve, tmp_path, leftovers):
-    server = serve(ORPHAN_TEMPLATES, *GRACE)
+def test_background_child_holding_output_is_killed_with_a_warning(start_server, tmp_path, leftovers):
+    server = start_server(ORPHAN_TEMPLATES, *GRACE)
     started = time.monotonic()
     token = server.trigger("holds_output", Dir=str(tmp_path))
     background = read_pid(tmp_path / "background")
@@ -361,8 +266,8 @@ log = "after the flood"
 """
 
 
-def test_max_body(serve):
-    server = serve(LIMIT_TEMPLATES, "--max-body", "100", *GRACE)
+def test_max_body(start_server):
+    server = start_server(LIMIT_TEMPLATES, "--max-body", "100", *GRACE)
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     fits = "template=hello&Pad=" + "x" * (100 - len("template=hello&Pad="))
     status, token, _ = server.request("POST", "/api/jobs/trigger", body=fits, headers=form)
@@ -375,8 +280,8 @@ def test_max_body(serve):
     assert server.stop() == 0
 
 
-def test_max_pending_answers_503_with_retry_after(serve, tmp_path):
-    server = serve(LIMIT_TEMPLATES, "--workers", "1", "--max-pending", "2", *GRACE)
+def test_max_pending_answers_503_with_retry_after(start_server, tmp_path):
+    server = start_server(LIMIT_TEMPLATES, "--workers", "1", "--max-pending", "2", *GRACE)
     gate = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, gate, "started")
     queued = [server.trigger("hello"), server.trigger("hello")]
@@ -391,8 +296,8 @@ def test_max_pending_answers_503_with_retry_after(serve, tmp_path):
     assert server.stop() == 0
 
 
-def test_max_log_bytes_bounds_the_stored_log(serve):
-    server = serve(LIMIT_TEMPLATES, *GRACE)
+def test_max_log_bytes_bounds_the_stored_log(start_server):
+    server = start_server(LIMIT_TEMPLATES, *GRACE)
     token = server.trigger("chatty")
     assert server.final_status(token, timeout=30) == "Warning"
     lines = logs(server, token).splitlines()
@@ -430,8 +335,8 @@ db.close()
 """
 
 
-def test_locked_database_answers_503_then_recovers(serve):
-    server = serve(LIMIT_TEMPLATES, *GRACE)
+def test_locked_database_answers_503_then_recovers(start_server):
+    server = start_server(LIMIT_TEMPLATES, *GRACE)
     before = server.trigger("hello")
     assert server.final_status(before) == "Succeeded"
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(server.db)], stdin=subprocess.PIPE,
@@ -511,8 +416,8 @@ def cancel(server, token):
     return body
 
 
-def test_cancel_pending_job_never_starts(serve, tmp_path):
-    server = serve(CONTROL_TEMPLATES, "--workers", "1", *GRACE)
+def test_cancel_pending_job_never_starts(start_server, tmp_path):
+    server = start_server(CONTROL_TEMPLATES, "--workers", "1", *GRACE)
     gate = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, gate, "started")
     pending = server.trigger("marker", Dir=str(tmp_path))
@@ -528,8 +433,8 @@ def test_cancel_pending_job_never_starts(serve, tmp_path):
     assert server.stop() == 0
 
 
-def test_cancel_executing_job_kills_its_process_group(serve, tmp_path, leftovers):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_cancel_executing_job_kills_its_process_group(start_server, tmp_path, leftovers):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("forever", Dir=str(tmp_path))
     wait_for_log(server, token, "started")
     child, grandchild = read_pid(tmp_path / "forever.child"), read_pid(tmp_path / "forever.grandchild")
@@ -544,8 +449,8 @@ def test_cancel_executing_job_kills_its_process_group(serve, tmp_path, leftovers
     assert server.stop() == 0
 
 
-def test_cancel_job_that_traps_term_is_killed_after_a_few_seconds(serve, tmp_path, leftovers):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_cancel_job_that_traps_term_is_killed_after_a_few_seconds(start_server, tmp_path, leftovers):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("stubborn", Dir=str(tmp_path))
     wait_for_log(server, token, "started")
     grandchild = read_pid(tmp_path / "stubborn.grandchild")
@@ -559,8 +464,8 @@ def test_cancel_job_that_traps_term_is_killed_after_a_few_seconds(serve, tmp_pat
     assert server.stop() == 0
 
 
-def test_cancel_finished_job_leaves_it(serve):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_cancel_finished_job_leaves_it(start_server):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("short")
     assert server.final_status(token) == "Succeeded"
     assert cancel(server, token) == "Succeeded"
@@ -569,8 +474,8 @@ def test_cancel_finished_job_leaves_it(serve):
     assert server.stop() == 0
 
 
-def test_status_wait_returns_when_the_job_ends(serve, tmp_path):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_status_wait_returns_when_the_job_ends(start_server, tmp_path):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, token, "started")
     release = threading.Timer(0.3, (tmp_path / "go").touch)
@@ -584,8 +489,8 @@ def test_status_wait_returns_when_the_job_ends(serve, tmp_path):
     assert 0.25 <= elapsed < 0.9, f"status&wait answered after {elapsed:.2f} s for a job that ended at 0.3 s"
 
 
-def test_status_wait_returns_executing_after_the_wait(serve, tmp_path):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_status_wait_returns_executing_after_the_wait(start_server, tmp_path):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, token, "started")
     started = time.monotonic()
@@ -597,8 +502,8 @@ def test_status_wait_returns_executing_after_the_wait(serve, tmp_path):
     assert server.stop() == 0
 
 
-def test_logs_tail_loop_sees_every_entry_once(serve):
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+def test_logs_tail_loop_sees_every_entry_once(start_server):
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("ticker")
     seen, offset = [], 0
     for _ in range(200):
@@ -619,9 +524,9 @@ def test_logs_tail_loop_sees_every_entry_once(serve):
     assert server.stop() == 0
 
 
-def test_logs_response_keeps_the_connection_alive(serve):
+def test_logs_response_keeps_the_connection_alive(start_server):
     """A small log is answered with a Content-Length, so an HTTP/1.1 client keeps its connection."""
-    server = serve(CONTROL_TEMPLATES, *GRACE)
+    server = start_server(CONTROL_TEMPLATES, *GRACE)
     token = server.trigger("short")
     assert server.final_status(token) == "Succeeded"
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
@@ -651,8 +556,8 @@ def reload_lines(server, word):
     return [line for line in server.stderr().splitlines() if "templates" in line and word in line]
 
 
-def test_sighup_and_file_change_reload(serve, tmp_path):
-    server = serve(RELOAD_V1, "--workers", "1", *GRACE)
+def test_sighup_and_file_change_reload(start_server, tmp_path):
+    server = start_server(RELOAD_V1, "--workers", "1", *GRACE)
     path = server.templates
     gate = server.trigger("gate", Dir=str(tmp_path))
     wait_for_log(server, gate, "started")
