@@ -20,7 +20,6 @@ import hmac
 import json
 import logging
 import os
-import queue
 import re
 import selectors
 import signal
@@ -499,19 +498,23 @@ class JobRecord:
 
 
 class PendingWrite:
-    """One write operation waiting for the writer's next transaction, and then its outcome."""
+    """One write operation queued for the next transaction, and then its outcome."""
 
     __slots__ = ("operation", "after_commit", "done", "result", "error")
 
     def __init__(self, operation, after_commit=None):
         self.operation, self.after_commit = operation, after_commit
-        self.done = threading.Event()
+        self.done = False
         self.result = self.error = None
 
 
 class JobStore:
-    """Every SQL statement of the program. One writer thread owns the only writing connection and commits
-    the writes queued meanwhile together (group commit); each other thread reads on a connection of its own
+    """Every SQL statement of the program.
+
+    Writes are serialized in one place: one connection, used by whichever thread holds the write lock. A
+    thread queues its write, takes the lock, and commits in one transaction every write queued by then, its
+    own and other threads' (group commit without a thread of its own: no hand-off when there is no
+    contention, one commit for many writes when there is). Each thread reads on a connection of its own
     (WAL: reads never wait for writes)."""
 
     MAX_BATCH = 500
@@ -525,10 +528,9 @@ class JobStore:
         except BaseException:
             self._writer.close()
             raise
-        self._queue: queue.SimpleQueue[PendingWrite | None] = queue.SimpleQueue()
+        self._queue: deque[PendingWrite] = deque()
+        self._write_lock = threading.Lock()
         self._closed = False
-        self._writer_thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
-        self._writer_thread.start()
 
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
         connection = sqlite3.connect(
@@ -549,36 +551,47 @@ class JobStore:
         return connection
 
     def _write(self, operation, after_commit=None):
-        """Run operation(connection) in the writer's next transaction and return its result once committed;
-        after_commit(result) runs on the writer thread right after the commit, in commit order."""
+        """Run operation(connection) in a transaction and return its result once committed;
+        after_commit(result) runs right after the commit, in commit order, with the write lock held."""
         if self._closed:
             raise sqlite3.OperationalError("the job store is closed: the server is stopping")
         write = PendingWrite(operation, after_commit)
-        self._queue.put(write)
-        write.done.wait()
+        self._queue.append(write)
+        while not write.done:  # another thread may commit it while this one waits for the lock
+            with self._write_lock:
+                self._commit_queued()
+        self._commit_stragglers()
         if write.error is not None:
             raise write.error
         return write.result
 
-    def _write_loop(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch = [first]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    write = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if write is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(write)
-            error = self._commit(batch)
-            if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
-                for write in batch:  # one bad write must not fail the others: each again, alone
-                    write.error = None
-                    self._commit([write])
-            for write in batch:
-                write.done.set()
+    def _write_later(self, operation) -> None:
+        """Queue a write without waiting for it; it is committed before any later write."""
+        if not self._closed:
+            self._queue.append(PendingWrite(operation))
+            self._commit_stragglers()
+
+    def _commit_stragglers(self) -> None:
+        # A write queued while another thread held the lock may have come after that thread's last look at
+        # the queue: whoever finds the queue non-empty and the lock free commits it.
+        while self._queue and self._write_lock.acquire(blocking=False):
+            try:
+                self._commit_queued()
+            finally:
+                self._write_lock.release()
+
+    def _commit_queued(self) -> None:
+        """Commit the writes queued so far in one transaction; call with the write lock held."""
+        batch = []
+        while self._queue and len(batch) < self.MAX_BATCH:
+            batch.append(self._queue.popleft())
+        error = self._commit(batch)
+        if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
+            for write in batch:  # one bad write must not fail the others: each again, alone
+                write.error = None
+                self._commit([write])
+        for write in batch:
+            write.done = True
 
     def _commit(self, batch: list[PendingWrite]) -> Exception | None:
         """Run a batch of writes in one transaction; the error that failed them all, if any.
@@ -608,18 +621,11 @@ class JobStore:
         return None
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
-        self._writer_thread.join()
-        self._writer.close()
-        while True:  # writes that raced with close: fail them rather than leave their callers waiting
-            try:
-                write = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if write is not None:
-                write.error = sqlite3.OperationalError("the job store is closed: the server is stopping")
-                write.done.set()
+        with self._write_lock:
+            self._closed = True
+            while self._queue:
+                self._commit_queued()
+            self._writer.close()
 
     # Templates.
 
@@ -672,31 +678,23 @@ class JobStore:
             "SELECT id, template_version FROM jobs WHERE status = ? ORDER BY id", (status,)
         ).fetchall()
 
-    def _write_later(self, operation) -> None:
-        """Queue a write without waiting for it: the single writer commits it before any later write."""
-        if not self._closed:
-            self._queue.put(PendingWrite(operation))
-
-    def claim_job(self, job_id: int) -> dict[str, str] | None:
-        """Pending -> Executing; the job's variables, or None when it is no longer Pending.
-
-        Only the runner moves a queued job on, so the variables are read at once and the status change is
-        queued without waiting for its commit (finish_job, queued after it, accepts either status)."""
+    def pending_variables(self, job_id: int) -> dict[str, str] | None:
+        """The variables of a Pending job, or None when it is not Pending (canceled meanwhile)."""
         row = self._reader().execute(
             "SELECT variables FROM jobs WHERE id = ? AND status = 'Pending'", (job_id,)
         ).fetchone()
-        if row is None:
-            return None
-        started = time.time()
-        self._write_later(lambda db: db.execute(
-            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
-            (started, job_id),
-        ))
-        return json.loads(row[0])
+        return json.loads(row[0]) if row else None
 
-    def set_process_group(self, job_id: int, group: int) -> None:
-        """Note the process group a job's step runs in (only to clean up after a crash), without waiting."""
-        self._write_later(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
+    def note_process(self, job_id: int, started_at: float, group: int) -> None:
+        """Mark the job Executing, with the process group its step runs in (to clean up after a crash).
+
+        Only the runner moves a queued job on, so this need not wait for its commit: it is committed before
+        any later write of the job. A job of log steps only goes from Pending to its final status at once."""
+        self._write_later(lambda db: db.execute(
+            "UPDATE jobs SET status = 'Executing', started_at = coalesce(started_at, ?), process_group = ?"
+            " WHERE id = ? AND status IN ('Pending', 'Executing')",
+            (started_at, group, job_id),
+        ))
 
     def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         entries = list(entries)  # the caller's buffer goes on growing
@@ -709,7 +707,8 @@ class JobStore:
             ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)),
         )
 
-    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None) -> bool:
+    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None,
+                   started_at: float | None = None) -> bool:
         """Store the last log entries and the final status in one transaction; False (and nothing stored)
         when the job was already final."""
         entries = list(entries)
@@ -717,9 +716,10 @@ class JobStore:
 
         def finish(db):
             changed = db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, process_group = NULL,"
-                " variables = coalesce(?, variables) WHERE id = ? AND status IN ('Pending', 'Executing')",
-                (status, time.time(), variables, job_id),
+                "UPDATE jobs SET status = ?, started_at = coalesce(started_at, ?), finished_at = ?,"
+                " process_group = NULL, variables = coalesce(?, variables)"
+                " WHERE id = ? AND status IN ('Pending', 'Executing')",
+                (status, started_at, time.time(), variables, job_id),
             ).rowcount
             if changed:
                 self._insert_logs(db, job_id, first_seq, entries)
@@ -814,7 +814,8 @@ class JobExecution:
 
     def __init__(self, runner: JobRunner, job_id: int, template: JobTemplate):
         self.runner, self.store, self.job_id, self.template = runner, runner.store, job_id, template
-        self.variables: dict[str, str] | None = None  # once claimed
+        self.variables: dict[str, str] | None = None  # once running
+        self.started_at: float | None = None
         self.values: dict[str, str] = {}  # by lower-case name, for substitution
         self.secrets: list[str] = []
         self.seq = 0  # of the next entry to store
@@ -894,6 +895,7 @@ class JobExecution:
     def run(self, variables: dict[str, str]) -> None:
         """Run every step, then store the final status; whatever happens, the job ends final."""
         try:
+            self.started_at = time.time()
             self.variables = variables
             self.values = {name.lower(): value for name, value in variables.items()}
             self.values.update(jobtoken=str(self.job_id), templatename=self.template.name)
@@ -961,7 +963,7 @@ class JobExecution:
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful)
         try:
-            self.store.set_process_group(self.job_id, process.pid)
+            self.store.note_process(self.job_id, self.started_at, process.pid)
             return self.supervise(process, step, deadline, why)
         finally:
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
@@ -1054,7 +1056,7 @@ class JobExecution:
         delay = 0.5
         while True:
             try:
-                self.store.finish_job(self.job_id, status, self.seq, self.buffer, kept)
+                self.store.finish_job(self.job_id, status, self.seq, self.buffer, kept, self.started_at)
                 break
             except sqlite3.Error as error:
                 if self.runner.stopping.wait(delay):
@@ -1192,7 +1194,7 @@ class JobRunner:
 
     def _execute(self, execution: JobExecution) -> None:
         try:
-            variables = self.store.claim_job(execution.job_id)
+            variables = self.store.pending_variables(execution.job_id)
         except sqlite3.Error as error:
             log_line(f"job {execution.job_id}: could not start it ({error}); it stays Pending")
             with self.lock:
