@@ -685,16 +685,18 @@ class JobStore:
         ).fetchone()
         return json.loads(row[0]) if row else None
 
-    def note_process(self, job_id: int, started_at: float, group: int) -> None:
-        """Mark the job Executing, with the process group its step runs in (to clean up after a crash).
-
-        Only the runner moves a queued job on, so this need not wait for its commit: it is committed before
-        any later write of the job. A job of log steps only goes from Pending to its final status at once."""
-        self._write_later(lambda db: db.execute(
-            "UPDATE jobs SET status = 'Executing', started_at = coalesce(started_at, ?), process_group = ?"
-            " WHERE id = ? AND status IN ('Pending', 'Executing')",
-            (started_at, group, job_id),
+    def mark_executing(self, job_id: int, started_at: float) -> None:
+        """Pending -> Executing, committed before the job's first process starts: a job found Executing after
+        a crash may have done something and is never run again. (A job of log steps only goes from Pending
+        to its final status in one transaction.)"""
+        self._write(lambda db: db.execute(
+            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
+            (started_at, job_id),
         ))
+
+    def note_process_group(self, job_id: int, group: int) -> None:
+        """The process group a job's step runs in, to clean up after a crash; queued without waiting."""
+        self._write_later(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
 
     def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         entries = list(entries)  # the caller's buffer goes on growing
@@ -816,6 +818,7 @@ class JobExecution:
         self.runner, self.store, self.job_id, self.template = runner, runner.store, job_id, template
         self.variables: dict[str, str] | None = None  # once running
         self.started_at: float | None = None
+        self.marked_executing = False
         self.values: dict[str, str] = {}  # by lower-case name, for substitution
         self.secrets: list[str] = []
         self.seq = 0  # of the next entry to store
@@ -951,6 +954,14 @@ class JobExecution:
     def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
         """Run one process in a group of its own, logging its output; its exit code, or None if it timed
         out, was stopped or could not start. Nothing of its process group outlives this call."""
+        if not self.marked_executing:
+            try:
+                self.store.mark_executing(self.job_id, self.started_at)
+            except sqlite3.Error as error:
+                self.storage_error = error
+                self.request_stop(f"Could not store that the job started ({error}); it was stopped", graceful=False)
+                return None
+            self.marked_executing = True
         try:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -963,7 +974,7 @@ class JobExecution:
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful)
         try:
-            self.store.note_process(self.job_id, self.started_at, process.pid)
+            self.store.note_process_group(self.job_id, process.pid)
             return self.supervise(process, step, deadline, why)
         finally:
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
