@@ -495,6 +495,7 @@ class JobRecord:
     template_version: int
     status: str
     key_digest: str
+    log_count: int  # entries logged so far, read in the same statement as the status
 
 
 class PendingWrite:
@@ -660,13 +661,23 @@ class JobStore:
             then,
         )
 
+    # Every read is one statement where it can be: under load each call into SQLite costs a hand-off of the GIL.
+
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._reader().execute(
-            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest"
+            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest,"
+            " coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = j.id), 0)"
             " FROM jobs j JOIN template_versions v ON v.id = j.template_version WHERE j.id = ?",
             (job_id,),
         ).fetchone()
         return JobRecord(*row) if row else None
+
+    def job_progress(self, job_id: int) -> tuple[str, int]:
+        """(status, entries logged so far) of an existing job, read in one statement."""
+        return self._reader().execute(
+            "SELECT status, coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = ?), 0) FROM jobs WHERE id = ?",
+            (job_id, job_id),
+        ).fetchone()
 
     def job_status(self, job_id: int) -> str | None:
         row = self._reader().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -735,38 +746,27 @@ class JobStore:
             "SELECT id, process_group FROM jobs WHERE status = 'Executing' ORDER BY id"
         ).fetchall()
 
-    def log_count(self, job_id: int, db=None) -> int:
-        row = (db or self._reader()).execute("SELECT max(seq) FROM logs WHERE job_id = ?", (job_id,)).fetchone()
-        return 0 if row[0] is None else row[0] + 1
+    def log_count(self, job_id: int) -> int:
+        return self.job_progress(job_id)[1]
 
-    def read_logs(self, job_id: int, offset: int, chunk_rows: int = 5000):
-        """(entry count, job complete, "LEVEL: message\\n" text from entry `offset` on).
+    def read_logs(self, job_id: int, offset: int, count: int, chunk_rows: int = 5000):
+        """The entries from `offset` up to `count` as "LEVEL: message\\n" text.
 
-        The count, the completeness and the entries come from one read snapshot, so a job that was complete
-        has all its entries in the response. A log that fits in one chunk comes back as one string (so the
-        response has a length and the connection stays open); a longer one as an iterator of chunks, read
-        from the database as they are sent, never all at once."""
-        db = self._reader()
-        db.execute("BEGIN")
-        try:
-            status = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-            count = self.log_count(job_id, db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        Entries never change once written, so a count read with the job's status (job_progress) bounds a
+        consistent answer without a transaction. A log that fits in one chunk comes back as one string (so
+        the response has a length and the connection stays open); a longer one as an iterator of chunks,
+        read from the database as they are sent, never all at once."""
         if offset >= count:
-            db.execute("ROLLBACK")
-            return count, status in FINAL_STATUSES, ""
-
-        cursor = db.execute(
+            return ""
+        cursor = self._reader().execute(
             "SELECT level || ': ' || message || char(10) FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?"
             " ORDER BY seq",
             (job_id, offset, count),
         )
         first = "".join(row[0] for row in cursor.fetchmany(chunk_rows))
         if count - offset <= chunk_rows:
-            db.execute("ROLLBACK")
-            return count, status in FINAL_STATUSES, first
+            cursor.close()
+            return first
 
         def chunks():
             try:
@@ -774,10 +774,9 @@ class JobStore:
                 while rows := cursor.fetchmany(chunk_rows):
                     yield "".join(row[0] for row in rows)
             finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                cursor.close()
 
-        return count, status in FINAL_STATUSES, chunks()
+        return chunks()
 
     # Upkeep.
 
@@ -1532,26 +1531,28 @@ def create_app(config: dict | None = None) -> Flask:
         params = RequestParameters.from_request(JOB_PARAMETERS)
         job = find_job(params)
         wait = params.number("wait", float, MAX_WAIT_SECONDS)
-        if wait and job.status not in FINAL_STATUSES:
-            runner.wait_until(job.id, lambda: store.job_status(job.id) in FINAL_STATUSES, wait)
+        if not wait or job.status in FINAL_STATUSES:
+            return text_response(job.status)
+        runner.wait_until(job.id, lambda: store.job_status(job.id) in FINAL_STATUSES, wait)
         return text_response(store.job_status(job.id))
 
     @app.route("/api/jobs/logs", methods=["GET", "POST"])
     def logs():
         params = RequestParameters.from_request(JOB_PARAMETERS)
         job = find_job(params)
-        offset = params.number("offset", int)
+        offset = params.number("offset", int) or 0
         wait = params.number("wait", float, MAX_WAIT_SECONDS)
-        if wait:
-            offset = offset or 0
-            runner.wait_until(
-                job.id,
-                lambda: store.log_count(job.id) > offset or store.job_status(job.id) in FINAL_STATUSES,
-                wait,
-            )
-        count, complete, chunks = store.read_logs(job.id, offset or 0)
-        headers = {"X-Log-Offset": str(max(count, offset or 0)), "X-Job-Complete": str(complete).lower()}
-        return text_response(chunks, headers=headers)
+        status, count = job.status, job.log_count
+        if wait and count <= offset and status not in FINAL_STATUSES:
+
+            def progressed() -> bool:
+                nonlocal status, count
+                status, count = store.job_progress(job.id)
+                return count > offset or status in FINAL_STATUSES
+
+            runner.wait_until(job.id, progressed, wait)
+        headers = {"X-Log-Offset": str(max(count, offset)), "X-Job-Complete": str(status in FINAL_STATUSES).lower()}
+        return text_response(store.read_logs(job.id, offset, count), headers=headers)
 
     @app.route("/api/jobs/cancel", methods=["GET", "POST"])
     def cancel():
