@@ -967,7 +967,8 @@ class JobExecution:
                 env=self.environment(step), cwd=step.cwd, start_new_session=True,
             )
         except OSError as error:
-            self.log("ERROR", f"Cannot start {argv[0]!r}: {error.strerror or error}")
+            where = f" in {step.cwd!r}" if step.cwd else ""
+            self.log("ERROR", f"Cannot start {argv[0]!r}{where}: {error.strerror or error}")
             return None
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
@@ -976,11 +977,11 @@ class JobExecution:
             self.store.note_process_group(self.job_id, process.pid)
             return self.supervise(process, step, deadline, why)
         finally:
+            self.process = None  # no more signals from other threads: the pid is about to be reaped
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
             process.wait()
             process.stdout.close()
             process.stderr.close()
-            self.process = None
 
     def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
         streams = {process.stdout.fileno(): [step.stdout_level, b""], process.stderr.fileno(): [step.stderr_level, b""]}
