@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
@@ -23,6 +24,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -130,9 +132,7 @@ class Variable:
     description: str = ""
 
     def check(self, value: str) -> None:
-        """Refuse a request's value that breaks the rules; an empty value means "no value" and is checked later."""
-        if value == "":
-            return
+        """Refuse a request's value (empty included) that breaks the rules; `required` is checked later."""
         if self.choices and value not in self.choices:
             allowed = "the allowed choices" if self.secret else ", ".join(self.choices)
             raise ApiError(f"Variable {self.name}: the value must be one of {allowed}")
@@ -214,7 +214,7 @@ class FieldReader:
 
     def positive(self, field: str, kinds=(int, float)):
         value = self.get(field, kinds, None, "a positive number")
-        if value is not None and value <= 0:
+        if value is not None and not 0 < value < float("inf"):  # also refuses nan
             self.fail(field, "must be a positive number")
         return value
 
@@ -269,7 +269,8 @@ def parse_variable(name: str, spec, where: str) -> Variable:
         fields.flag("secret", False), fields.text("description", ""),
     )
     try:
-        variable.check(default)
+        if default:  # an empty default means "no value": the request must then give one that follows the rules
+            variable.check(default)
     except ApiError as error:
         fields.fail("default", f"does not follow its own rules ({error.message})")
     return variable
@@ -408,7 +409,7 @@ def template_summary(template: JobTemplate) -> dict:
                 "default": "" if v.secret else v.default,
                 "required": v.required,
                 "pattern": v.pattern.pattern if v.pattern else None,
-                "choices": list(v.choices),
+                "choices": [] if v.secret else list(v.choices),
                 "secret": v.secret,
                 "description": v.description,
             }
@@ -720,19 +721,20 @@ class JobStore:
             ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)),
         )
 
-    def finish_job(self, job_id: int, status: str, first_seq: int, entries, variables=None,
+    def finish_job(self, job_id: int, status: str, first_seq: int, entries, secrets=(),
                    started_at: float | None = None) -> bool:
-        """Store the last log entries and the final status in one transaction; False (and nothing stored)
-        when the job was already final."""
+        """Store the last log entries and the final status in one transaction, removing the named secret
+        variables from the stored ones; False (and nothing stored) when the job was already final."""
         entries = list(entries)
-        variables = None if variables is None else json.dumps(variables)
+        paths = [f'$."{name}"' for name in secrets]  # names are letters, digits and _ only
+        forget = f"json_remove(variables, {', '.join('?' * len(paths))})" if paths else "variables"
 
         def finish(db):
             changed = db.execute(
                 "UPDATE jobs SET status = ?, started_at = coalesce(started_at, ?), finished_at = ?,"
-                " process_group = NULL, variables = coalesce(?, variables)"
+                f" process_group = NULL, variables = {forget}"
                 " WHERE id = ? AND status IN ('Pending', 'Executing')",
-                (status, started_at, time.time(), variables, job_id),
+                (status, started_at, time.time(), *paths, job_id),
             ).rowcount
             if changed:
                 self._insert_logs(db, job_id, first_seq, entries)
@@ -740,10 +742,10 @@ class JobStore:
 
         return self._write(finish)
 
-    def interrupted_jobs(self) -> list[tuple[int, int | None]]:
-        """(id, process_group) of the jobs a previous process left Executing."""
+    def interrupted_jobs(self) -> list[tuple[int, int, int | None]]:
+        """(id, template_version, process_group) of the jobs a previous process left Executing."""
         return self._reader().execute(
-            "SELECT id, process_group FROM jobs WHERE status = 'Executing' ORDER BY id"
+            "SELECT id, template_version, process_group FROM jobs WHERE status = 'Executing' ORDER BY id"
         ).fetchall()
 
     def log_count(self, job_id: int) -> int:
@@ -901,10 +903,9 @@ class JobExecution:
             self.variables = variables
             self.values = {name.lower(): value for name, value in variables.items()}
             self.values.update(jobtoken=str(self.job_id), templatename=self.template.name)
-            self.secrets = sorted(
-                (variables.get(v.name, "") for v in self.template.secrets if variables.get(v.name)),
-                key=len, reverse=True,
-            )
+            secrets = {variables[v.name] for v in self.template.secrets if variables.get(v.name)}
+            secrets |= {line for secret in secrets for line in secret.split("\n") if line}  # output comes by lines
+            self.secrets = sorted(secrets, key=len, reverse=True)
             deadline = time.monotonic() + self.template.timeout if self.template.timeout else None
             for step in self.template.steps:
                 if self.stop_reason or not self.run_step(step, deadline):
@@ -968,7 +969,7 @@ class JobExecution:
             )
         except OSError as error:
             where = f" in {step.cwd!r}" if step.cwd else ""
-            self.log("ERROR", f"Cannot start {argv[0]!r}{where}: {error.strerror or error}")
+            self.log("ERROR", f"Cannot start '{argv[0]}'{where}: {error.strerror or error}")
             return None
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
@@ -993,8 +994,7 @@ class JobExecution:
                 selector.register(fd, selectors.EVENT_READ)
             if exit_watch is not None:
                 selector.register(exit_watch, selectors.EVENT_READ)
-            exited_at = kill_at = None
-            leftovers_killed = False
+            exited_at = kill_at = killed_at = None
             while streams or exited_at is None:
                 now = time.monotonic()
                 if exited_at is None and exit_watch is None and process_exited(process.pid):
@@ -1006,12 +1006,17 @@ class JobExecution:
                     kill_at = now + (CANCEL_GRACE if self.stop_graceful else 0)
                 if kill_at is not None and now >= kill_at:
                     signal_group(process.pid, signal.SIGKILL)
-                    kill_at = float("inf")
-                if exited_at is not None and streams and not leftovers_killed and now - exited_at >= LEFTOVER_GRACE:
+                    kill_at, killed_at = float("inf"), killed_at or now
+                if exited_at is not None and streams and killed_at is None and now - exited_at >= LEFTOVER_GRACE:
                     self.log("WARN", f"The step exited but processes it started still held its output open after "
                                      f"{LEFTOVER_GRACE:g} s; they were killed")
                     signal_group(process.pid, signal.SIGKILL)
-                    leftovers_killed = True
+                    killed_at = now
+                if exited_at is not None and streams and killed_at is not None and now - killed_at >= LEFTOVER_GRACE:
+                    # Only a process that left the group (setsid) can still hold the output: stop reading it.
+                    self.log("WARN", "Processes that left the step's process group still hold its output;"
+                                     " it is no longer read and they are left running")
+                    break
                 wait = POLL_SECONDS
                 if self.buffer:
                     wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
@@ -1060,14 +1065,11 @@ class JobExecution:
                              f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output were dropped")
         self.announce_stop()
         status = STATUS_BY_WORST_LEVEL[self.worst]
-        kept = None if self.variables is None else {
-            name: value for name, value in self.variables.items()
-            if not getattr(self.template.variables.get(name.lower()), "secret", False)
-        }
+        secrets = [v.name for v in self.template.secrets]
         delay = 0.5
         while True:
             try:
-                self.store.finish_job(self.job_id, status, self.seq, self.buffer, kept, self.started_at)
+                self.store.finish_job(self.job_id, status, self.seq, self.buffer, secrets, self.started_at)
                 break
             except sqlite3.Error as error:
                 if self.runner.stopping.wait(delay):
@@ -1130,24 +1132,32 @@ class JobRunner:
 
     def start(self) -> None:
         """Resolve what a previous process left behind, queue the Pending jobs, start the workers."""
-        for job_id, group in self.store.interrupted_jobs():
+        for job_id, version, group in self.store.interrupted_jobs():
             if group:
                 kill_orphaned_group(group, job_id)
             self.store.finish_job(
                 job_id, ERROR, self.store.log_count(job_id),
                 [("ERROR", "The server stopped while the job ran (found Executing at restart); it was ended")],
+                self.secret_names(version),
             )
         for job_id, version in self.store.unfinished_jobs(PENDING):
             try:
                 template = self.catalog.version(version)
             except TemplateError as error:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")])
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")],
+                                      self.secret_names(version))
                 continue
             self._enqueue(job_id, template)
         for number in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"job-worker-{number}", daemon=True)
             thread.start()
             self.threads.append(thread)
+
+    def secret_names(self, version: int) -> list[str]:
+        """The secret variables of a stored template version, read from its definition even where that no
+        longer loads as a template."""
+        variables = json.loads(self.store.template_version(version)[1]).get("variables", {})
+        return [name for name, spec in variables.items() if isinstance(spec, dict) and spec.get("secret") is True]
 
     # Queue.
 
@@ -1233,7 +1243,8 @@ class JobRunner:
             execution = self.running.get(job_id)
         if queued:
             try:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")])
+                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")],
+                                      [v.name for v in queued[1][1].secrets])
             except sqlite3.Error:
                 with self.lock:  # still Pending in the store: it stays queued
                     queued[0].appendleft(queued[1])
@@ -1375,13 +1386,11 @@ class RequestParameters:
         text = self.extra(name)
         if text is None:
             return None
-        try:
-            value = kind(text)
-        except ValueError:
-            value = -1
-        if not 0 <= value < float("inf"):
+        pattern = r"[0-9]{1,18}" if kind is int else r"[0-9]{1,18}(\.[0-9]{1,9})?"
+        if not re.fullmatch(pattern, text):
             unit = "a whole number" if kind is int else "a number of seconds"
             raise ApiError(f"Parameter {name} must be {unit}, 0 or more")
+        value = kind(text)
         return min(value, maximum) if maximum is not None else value
 
     def extra(self, name: str) -> str | None:
@@ -1403,22 +1412,28 @@ def parse_urlencoded(raw: bytes, where: str) -> list[tuple[str, str]]:
         raise ApiError(f"The {where} has more than {MAX_PARAMETERS} parameters") from None
 
 
+class JsonMembers(list):
+    """A JSON object's (name, value) members in order, duplicates kept."""
+
+
 def parse_json_object(body: bytes) -> tuple[list[tuple[str, str]], str | None]:
     """A JSON object body: API_Key is the key, every other member a parameter with a scalar value."""
-    try:
-        data = json.loads(body)
+    try:  # objects as JsonMembers lists, so that a name given twice is seen, as in a form
+        data = json.loads(body, object_pairs_hook=JsonMembers)
     except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a parameter list
         raise ApiError("The request body is not valid JSON") from None
-    if not isinstance(data, dict):
+    if not isinstance(data, JsonMembers):
         raise ApiError("A JSON request body must be an object")
     if len(data) > MAX_PARAMETERS:
         raise ApiError(f"The request body has more than {MAX_PARAMETERS} parameters")
     pairs, key = [], None
-    for name, value in data.items():
+    for name, value in data:
         text = scalar_text(value)
         if text is None:
             raise ApiError(f"JSON member {shown(name)} must be a string, number or boolean")
         if name.lower() == "api_key":
+            if key is not None:
+                raise ApiError("JSON member API_Key is given more than once")
             key = text
         else:
             pairs.append((name, text))
@@ -1511,6 +1526,14 @@ def create_app(config: dict | None = None) -> Flask:
             raise ApiError("Missing API key" if not params.key else "Invalid API key", 403)
         return job
 
+    @app.before_request
+    def get_and_post_only():
+        # Flask would answer HEAD (and so trigger or cancel a job for a client that never sees the answer)
+        # and OPTIONS on its own; the job endpoints take GET and POST only.
+        if request.path.startswith("/api/jobs/") and request.method not in ("GET", "POST"):
+            raise ApiError(f"Method {request.method} is not allowed here: use GET or POST", 405,
+                           {"Allow": "GET, POST"})
+
     @app.route("/api/jobs/trigger", methods=["GET", "POST"])
     def trigger():
         params = RequestParameters.from_request(TRIGGER_PARAMETERS)
@@ -1576,7 +1599,8 @@ def create_app(config: dict | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         reasons = {
-            404: "Not found: the endpoints are /api/jobs/trigger, /api/jobs/status and /api/jobs/logs",
+            404: "Not found: the endpoints are /api/jobs/trigger, /api/jobs/status, /api/jobs/logs,"
+                 " /api/jobs/cancel and /api/templates",
             413: f"The request body is larger than {app.config['MAX_BODY']} bytes",
         }
         headers = {name: value for name, value in error.get_headers() if name.lower() == "allow"}
@@ -1624,27 +1648,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = dict(DATABASE=args.db, TEMPLATES=args.templates, WORKERS=args.workers, MAX_BODY=args.max_body,
                   MAX_PENDING=args.max_pending, KEEP_DAYS=args.keep_days)
+    # Listen and claim the database before create_app starts the runner: a second instance must fail
+    # without ending the first one's running jobs as if they had been interrupted.
     try:
-        app = create_app(config)
-    except TemplateError as error:
-        print(f"app.py: error: {error}", file=sys.stderr)
+        listener = listen(args.host, args.port)
+    except OSError as error:
+        print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 2
-    except (sqlite3.Error, OSError) as error:
-        print(f"app.py: error: cannot use the database {args.db}: {error}", file=sys.stderr)
+    try:
+        claim_database(args.db)
+        app = create_app(config)
+    except (TemplateError, sqlite3.Error, OSError) as error:
+        listener.close()
+        reason = error if isinstance(error, TemplateError) else f"cannot use the database {args.db}: {error}"
+        print(f"app.py: error: {reason}", file=sys.stderr)
         return 2
     runner, catalog = app.extensions["job_runner"], app.extensions["job_templates"]
 
     from waitress import create_server
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault
-
-    try:
-        server = create_server(app, host=args.host, port=args.port, threads=args.http_threads,
-                               max_request_body_size=args.max_body + 1, ident="")  # waitress refuses >=
-    except OSError as error:
-        print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
-        shutdown_app(app, 0)
-        return 2
+    server = create_server(app, sockets=[listener], threads=args.http_threads,
+                           max_request_body_size=args.max_body + 1, ident="")  # waitress refuses >=
 
     stop = threading.Event()
 
@@ -1667,6 +1692,21 @@ def main(argv: list[str] | None = None) -> int:
     server.close()
     log_line("stopped")
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return socket.create_server(address, family=family)
+
+
+def claim_database(path: str) -> None:
+    """Hold an exclusive lock on DB.lock for the life of the process: one server per database."""
+    descriptor = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OSError("another app.py is serving it") from None
 
 
 def reload_templates(catalog: TemplateCatalog) -> None:

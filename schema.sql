@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS template_versions (
 );
 
 CREATE TABLE IF NOT EXISTS jobs (
-    id               INTEGER PRIMARY KEY,  -- the job token
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,  -- the job token: never reused, even after pruning
     template_version INTEGER NOT NULL REFERENCES template_versions (id),
     template         TEXT NOT NULL,
     status           TEXT NOT NULL CHECK (status IN ('Pending', 'Executing', 'Succeeded', 'Warning', 'Error')),
