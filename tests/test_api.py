@@ -1239,3 +1239,234 @@ def test_a_secret_default_is_not_stored_but_still_used(make_app, tmp_path):
         stored = " ".join(row[0] for row in db.execute("SELECT definition FROM template_versions"))
         stored += " ".join(row[0] for row in db.execute("SELECT variables FROM jobs"))
     assert "s3cr3t-default" not in stored
+
+
+#
+# Regression tests for the fixes of an independent review (one per item).
+#
+
+REVIEW = '''
+[limited_secret]
+max_concurrent = 1
+timeout = 30
+[limited_secret.variables]
+Fifo = { required = true }
+Password = { default = "", secret = true }
+[[limited_secret.steps]]
+run = 'read line < "$Fifo"; echo "got $line"'
+
+[multiline]
+[multiline.variables]
+Password = { default = "", secret = true, required = true }
+[[multiline.steps]]
+log = "log step: $Password"
+[[multiline.steps]]
+run = 'echo "pw=$Password"; echo "again: $Password."'
+
+[cannot_start]
+[cannot_start.variables]
+Pw = { default = "", secret = true, required = true }
+[[cannot_start.steps]]
+exec = ["/nonexistent/$Pw"]
+
+[chosen]
+[chosen.variables]
+Pw = { default = "", choices = ["alpha-choice-value", "beta-choice-value"], secret = true }
+Colour = { default = "red", choices = ["red", "green"] }
+[[chosen.steps]]
+log = "chosen"
+
+[strict]
+[strict.variables]
+Server = { default = "web01", pattern = '[a-z]+[0-9]+' }
+Colour = { default = "red", choices = ["red", "green"] }
+Note = { default = "", pattern = '[a-z]+' }
+[[strict.steps]]
+log = "Server=$Server Colour=$Colour Note=$Note"
+'''
+
+
+def test_review_secret_removed_when_a_pending_job_is_canceled(make_app, tmp_path):
+    client = make_app(REVIEW)
+    first, second = make_fifo(tmp_path, "first"), make_fifo(tmp_path, "second")
+    blocking = trigger(client, "limited_secret", Fifo=str(first), Password="first-secret-Q1")
+    wait_for(lambda: status_of(client, blocking) == "Executing", what="the blocking job to start")
+    pending = trigger(client, "limited_secret", Fifo=str(second), Password="pending-secret-Q2")
+    assert status_of(client, pending) == "Pending"
+    (stored,) = query(client, "SELECT variables FROM jobs WHERE id = ?", int(pending))[0]
+    assert json.loads(stored)["Password"] == "pending-secret-Q2", "a Pending job keeps its secret until it ends"
+
+    assert call(client, "GET", "/api/jobs/cancel", {"token": pending}).text == "Error"
+    assert logs_of(client, pending) == "ERROR: Job canceled\n"
+    (stored,) = query(client, "SELECT variables FROM jobs WHERE id = ?", int(pending))[0]
+    assert json.loads(stored) == {"Fifo": str(second)}
+    assert not fifo_has_reader(second), "the canceled job never ran"
+
+    release(first)
+    assert final_status(client, blocking) == "Succeeded"
+    rows = query(client, "SELECT variables FROM jobs")
+    assert not any("secret-Q" in row for (row,) in rows), rows
+
+
+def test_review_multiline_secret_is_masked_on_every_line(make_app):
+    client = make_app(REVIEW)
+    secret = "first-line-AAA\nsecond-line-BBB"
+    token, status, logs = run_job(client, "multiline", Password=secret)
+    assert status == "Succeeded", logs
+    assert logs == (
+        "INFO: log step: ***\n"
+        "INFO: pw=***\n"
+        "INFO: ***\n"
+        "INFO: again: ***\n"
+        "INFO: ***.\n"
+    )
+    for part in ("first-line", "AAA", "second-line", "BBB"):
+        assert part not in logs
+    messages = query(client, "SELECT message FROM logs WHERE job_id = ?", int(token))
+    assert not any("AAA" in m or "BBB" in m for (m,) in messages)
+
+
+def test_review_secret_in_a_program_that_cannot_start_is_masked(make_app):
+    client = make_app(REVIEW)
+    secret = "top\\secret-XYZ"  # a backslash: a repr() of the path would double it and escape the mask
+    token, status, logs = run_job(client, "cannot_start", Pw=secret)
+    assert status == "Error", logs
+    lines = logs.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: "), lines
+    assert "/nonexistent/***" in lines[0], lines
+    assert "secret-XYZ" not in logs and "top\\" not in logs, logs
+
+
+def test_review_templates_endpoint_hides_a_secrets_choices(make_app):
+    client = make_app(REVIEW)
+    response = client.get("/api/templates", status=200)
+    variables = {v["name"]: v for entry in json.loads(response.text) if entry["name"] == "chosen"
+                 for v in entry["variables"]}
+    assert variables["Pw"]["choices"] == [] and variables["Pw"]["secret"] is True
+    assert variables["Colour"]["choices"] == ["red", "green"], "a plain variable's choices are shown"
+    assert "alpha-choice-value" not in response.text and "beta-choice-value" not in response.text
+
+
+@pytest.mark.parametrize("name, rule", [("Server", "pattern"), ("Colour", "one of"), ("Note", "pattern")])
+@pytest.mark.parametrize("method", METHODS)
+def test_review_empty_value_must_follow_pattern_and_choices(make_app, method, name, rule):
+    client = make_app(REVIEW)
+    response = call(client, method, "/api/jobs/trigger", {"template": "strict", name: ""}, status=400)
+    assert f"Variable {name}" in response.text and rule in response.text, response.text
+    assert query(client, "SELECT count(*) FROM jobs") == [(0,)]
+    # Leaving it out keeps the default (an empty default included).
+    token, status, logs = run_job(client, "strict")
+    assert (status, logs) == ("Succeeded", "INFO: Server=web01 Colour=red Note=\n")
+
+
+def test_review_empty_default_with_a_pattern_still_loads():
+    templates = server_module.load_templates(ROOT / "templates.toml")
+    notify = templates["ablast"].variables["sendnotification"]
+    assert notify.default == "" and notify.pattern is not None
+    assert not notify.pattern.fullmatch("")
+
+
+HEAD_AND_OPTIONS_PATHS = ["/api/jobs/trigger", "/api/jobs/status", "/api/jobs/logs", "/api/jobs/cancel"]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS"])
+@pytest.mark.parametrize("path", HEAD_AND_OPTIONS_PATHS)
+def test_review_head_and_options_are_405(shared, method, path):
+    client = shared
+    token, _, _ = run_job(client, "open")
+    before = job_count(client)
+    params = {"template": "open"} if path.endswith("trigger") else {"token": token}
+    response = client.request(f"{path}?{urllib.parse.urlencode(params)}", method=method, status=405)
+    assert response.headers["Content-Type"] == TEXT
+    assert response.headers["Allow"] == "GET, POST"
+    assert job_count(client) == before, "HEAD or OPTIONS never triggers a job"
+
+
+def test_review_head_on_cancel_does_not_cancel(make_app, tmp_path):
+    client = make_app(FOLLOW)
+    fifo = make_fifo(tmp_path, "gate")
+    token = trigger(client, "gated", Fifo=str(fifo))
+    wait_for(lambda: logs_of(client, token) == "INFO: waiting\n", what="the gated job to start")
+    client.request(f"/api/jobs/cancel?token={token}", method="HEAD", status=405)
+    assert status_of(client, token) == "Executing"
+    release(fifo)
+    assert final_status(client, token) == "Succeeded"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/jobs/trigger?template=vars", '{"Target": "AA", "Target": "BB"}'),
+    ("/api/jobs/trigger?template=vars", '{"Target": "AA", "target": "BB"}'),
+    ("/api/jobs/trigger?template=locked", '{"API_Key": "s3cret", "API_Key": "s3cret"}'),
+    ("/api/jobs/trigger?template=locked", '{"API_Key": "wrong", "api_key": "s3cret"}'),
+    ("/api/jobs/trigger", '{"template": "open", "template": "open"}'),
+])
+def test_review_json_member_given_twice_is_400(shared, path, body):
+    client = shared
+    before = job_count(client)
+    response = client.post(path, body, content_type="application/json", status=400)
+    assert response.headers["Content-Type"] == TEXT
+    assert "more than once" in response.text, response.text
+    assert job_count(client) == before
+
+
+def test_review_json_member_given_twice_targetserver(make_app):
+    client = make_app('''
+        [ablast]
+        [ablast.variables]
+        TargetServer = "ABLSV1"
+        [[ablast.steps]]
+        log = "$TargetServer"
+    ''')
+    response = client.post("/api/jobs/trigger?template=ablast", '{"TargetServer":"AA","TargetServer":"BB"}',
+                           content_type="application/json", status=400)
+    assert "TargetServer" in response.text, response.text
+    assert query(client, "SELECT count(*) FROM jobs") == [(0,)]
+    token = client.post("/api/jobs/trigger?template=ablast", '{"TargetServer":"AA"}',
+                        content_type="application/json", status=200).text
+    assert final_status(client, token) == "Succeeded"
+    assert logs_of(client, token) == "INFO: AA\n"
+
+
+@pytest.mark.parametrize("endpoint, name, value", [
+    ("/api/jobs/logs", "offset", "1_0"),
+    ("/api/jobs/logs", "offset", "+1"),
+    ("/api/jobs/logs", "offset", " 1"),
+    ("/api/jobs/logs", "offset", "1 "),
+    ("/api/jobs/logs", "offset", "\u0663"),  # ARABIC-INDIC DIGIT THREE
+    ("/api/jobs/logs", "wait", "1e3"),
+    ("/api/jobs/logs", "wait", "nan"),
+    ("/api/jobs/logs", "wait", "+1"),
+    ("/api/jobs/logs", "wait", "1_0"),
+    ("/api/jobs/status", "wait", "1e3"),
+    ("/api/jobs/status", "wait", "nan"),
+    ("/api/jobs/status", "wait", "\u0663"),
+    ("/api/jobs/status", "wait", " 1"),
+])
+def test_review_strict_offset_and_wait_are_400(shared, endpoint, name, value):
+    client = shared
+    token, _, _ = run_job(client, "three")
+    response = call(client, "GET", endpoint, {"token": token, name: value}, status=400)
+    assert f"Parameter {name}" in response.text, response.text
+
+
+@pytest.mark.parametrize("endpoint, params, body", [
+    ("/api/jobs/status", {"wait": "0.5"}, "Succeeded"),
+    ("/api/jobs/status", {"wait": "100"}, "Succeeded"),
+    ("/api/jobs/logs", {"wait": "0.5"}, "INFO: one\nINFO: two\nINFO: three\n"),
+    ("/api/jobs/logs", {"wait": "100", "offset": "1"}, "INFO: two\nINFO: three\n"),
+    ("/api/jobs/logs", {"wait": "100", "offset": "3"}, ""),
+])
+def test_review_plain_numbers_are_accepted(shared, endpoint, params, body):
+    client = shared
+    token, status, _ = run_job(client, "three")
+    assert status == "Succeeded"
+    response = call(client, "GET", endpoint, {"token": token, **params})
+    assert response.text == body
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/api/jobs/trigger/extra"])
+def test_review_404_names_every_endpoint(shared, path):
+    response = shared.get(path, status=404)
+    for endpoint in ("/api/jobs/trigger", "/api/jobs/status", "/api/jobs/logs", "/api/jobs/cancel",
+                     "/api/templates"):
+        assert endpoint in response.text, response.text

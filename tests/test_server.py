@@ -3,11 +3,14 @@ faults and job control (issue 2's start-up and recovery rules, issue 3, issue 4 
 
 Every server gets a short --grace so that a test that fails half-way still tears down in a second."""
 
+import contextlib
 import http.client
+import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -600,3 +603,120 @@ def test_sighup_and_file_change_reload(start_server, tmp_path):
     assert str(path) in refusals[0] and "line 1" in refusals[0], refusals
     assert "Traceback" not in server.stderr()
     assert server.stop() == 0
+
+
+#
+# Regression tests for the fixes of an independent review.
+#
+
+REVIEW_TEMPLATES = """
+[block]
+max_concurrent = 1
+[[block.steps]]
+run = 'echo started; sleep 30'
+
+[escaped]
+[escaped.variables]
+Dir = ""
+[[escaped.steps]]
+run = '''setsid sh -c 'echo $$ > "$Dir/escaped"; exec sleep 30' & echo started'''
+
+[secretive]
+[secretive.variables]
+Dir = ""
+Pw = { default = "", secret = true }
+[[secretive.steps]]
+run = 'echo $$ > "$Dir/child"; echo started; sleep 30'
+
+[hello]
+[[hello.steps]]
+log = "hi"
+"""
+
+
+def stored_variables(db, token):
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        (text,) = connection.execute("SELECT variables FROM jobs WHERE id = ?", (int(token),)).fetchone()
+    return json.loads(text)
+
+
+def test_review_second_instance_leaves_the_first_ones_jobs_alone(start_server, tmp_path):
+    server = start_server(REVIEW_TEMPLATES, *GRACE)
+    executing = server.trigger("block")
+    wait_for_log(server, executing, "started")
+    pending = server.trigger("block")
+    assert status_word(server, executing) == "Executing"
+    assert status_word(server, pending) == "Pending"
+
+    # The same port and the same database: the port is taken.
+    result = run_app("--port", str(server.port), "--templates", str(server.templates), "--db", str(server.db),
+                     timeout=15)
+    assert_one_clear_line(result, str(server.port))
+    assert status_word(server, executing) == "Executing"
+    assert status_word(server, pending) == "Pending"
+    assert logs(server, executing) == "INFO: started\n"
+    assert logs(server, pending) == ""
+
+    # Another port, the same database: the database is in use.
+    result = run_app("--port", "0", "--templates", str(server.templates), "--db", str(server.db), timeout=15)
+    line = assert_one_clear_line(result, str(server.db))
+    assert re.search(r"in use|another app\.py", line), line
+    assert status_word(server, executing) == "Executing"
+    assert status_word(server, pending) == "Pending"
+    assert logs(server, executing) == "INFO: started\n"
+    assert logs(server, pending) == ""
+
+    assert cancel(server, pending) == "Error"
+    assert cancel(server, executing) == "Error"
+    assert server.stop() == 0
+
+
+def test_review_step_with_escaped_descendants_finishes(start_server, tmp_path, leftovers):
+    server = start_server(REVIEW_TEMPLATES, *GRACE)
+    started = time.monotonic()
+    token = server.trigger("escaped", Dir=str(tmp_path))
+    escaped = read_pid(tmp_path / "escaped")
+    leftovers.append(escaped)
+    assert server.final_status(token, timeout=10) == "Warning"
+    assert time.monotonic() - started < 8, "the step is given up after a short grace"
+    lines = logs(server, token).splitlines()
+    assert lines[0] == "INFO: started", lines
+    assert all(line.startswith("WARN: ") for line in lines[1:]), lines
+    assert any("left the step's process group" in line and "output" in line for line in lines[1:]), lines
+    assert server.stop() == 0
+
+
+def test_review_secret_removed_when_restart_ends_an_executing_job(start_server, tmp_path, leftovers):
+    server = start_server(REVIEW_TEMPLATES, *GRACE)
+    token = server.trigger("secretive", Dir=str(tmp_path), Pw="restart-secret-R7")
+    wait_for_log(server, token, "started")
+    child = read_pid(tmp_path / "child")
+    leftovers.append(child)
+    assert stored_variables(server.db, token)["Pw"] == "restart-secret-R7", "kept while the job runs"
+    server.kill()
+
+    again = start_server(REVIEW_TEMPLATES, *GRACE, db=server.db)
+    assert again.final_status(token, timeout=10) == "Error"
+    assert stored_variables(again.db, token) == {"Dir": str(tmp_path)}
+    assert "restart-secret-R7" not in logs(again, token)
+    assert_gone(child)
+    assert again.stop() == 0
+
+
+def test_review_token_never_reused_after_pruning(start_server):
+    server = start_server(REVIEW_TEMPLATES, "--keep-days", "0.00002", *GRACE)  # about 1.7 s
+    token = server.trigger("hello")
+    assert server.final_status(token) == "Succeeded"
+
+    def pruned():
+        status, body, _ = server.get("/api/jobs/status", token=token)
+        return status == 400 and "No job" in body
+
+    wait_for(pruned, 15, interval=0.1, what="the job to be pruned")
+    assert server.stop() == 0
+
+    again = start_server(REVIEW_TEMPLATES, *GRACE, db=server.db)
+    fresh = again.trigger("hello")
+    assert int(fresh) > int(token), (fresh, token)
+    assert again.final_status(fresh) == "Succeeded"
+    assert again.stop() == 0

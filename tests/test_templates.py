@@ -264,3 +264,25 @@ def test_a_bad_file_stops_create_app(tmp_path):
     with pytest.raises(TemplateError) as caught:
         server_module.create_app({"DATABASE": str(tmp_path / "jobs.db"), "TEMPLATES": str(path), "WORKERS": 1})
     assert "'t'" in str(caught.value) and "level" in str(caught.value)
+
+
+#
+# Regression tests for the fixes of an independent review.
+#
+
+
+@pytest.mark.parametrize("text, field", [
+    ("[t]\ntimeout = nan" + GOOD_STEP, "timeout"),
+    ("[t]\ntimeout = inf" + GOOD_STEP, "timeout"),
+    ("[t]\ntimeout = +inf" + GOOD_STEP, "timeout"),
+    ("[t]\ntimeout = -inf" + GOOD_STEP, "timeout"),
+    ("[t]\nmax_log_bytes = 0" + GOOD_STEP, "max_log_bytes"),
+    ('[t]\n[[t.steps]]\nrun = "true"\ntimeout = nan\n', "timeout"),
+    ('[t]\n[[t.steps]]\nrun = "true"\ntimeout = inf\n', "timeout"),
+], ids=["timeout-nan", "timeout-inf", "timeout-plus-inf", "timeout-minus-inf", "max-log-bytes-0",
+        "step-timeout-nan", "step-timeout-inf"])
+def test_review_non_finite_or_zero_numbers_are_refused(tmp_path, text, field):
+    message = refusal(tmp_path, text)
+    assert "'t'" in message and field in message, message
+    if "steps" in text and "timeout" in text.split("[[t.steps]]")[1]:
+        assert "steps[0]" in message, message
