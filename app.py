@@ -101,6 +101,11 @@ class TemplateError(Exception):
     """A templates.toml that cannot be served, naming the file, the template and the field."""
 
 
+def log_line(message: str) -> None:
+    """The server's own log: one line on stderr. Request values and keys never go here."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def shown(text: str, limit: int = 40) -> str:
     """A request-supplied name, quoted, shortened and reduced to ASCII, fit to put in an error message."""
     return ascii(text[:limit] + ("..." if len(text) > limit else ""))
@@ -465,9 +470,10 @@ class TemplateCatalog:
         except OSError:
             return None
 
-    def reload_if_changed(self) -> bool:
-        """Reload when the file changed since the last load; returns whether it did."""
-        if self._file_stamp() == self._stamp:
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Reload when the file changed since the last load (or when forced, on SIGHUP), logging one line
+        either way; returns whether the new templates are in force."""
+        if not force and self._file_stamp() == self._stamp:
             return False
         try:
             self.reload()
@@ -477,11 +483,6 @@ class TemplateCatalog:
             return False
         log_line(f"templates reloaded from {self.path}: {', '.join(t.name for t in self._current.values())}")
         return True
-
-
-def log_line(message: str) -> None:
-    """The server's own log: one line on stderr. Request values and keys never go here."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 #
@@ -1680,7 +1681,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_templates, args=(catalog,)).start())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=catalog.reload_if_changed, args=(True,)).start())
     threading.Thread(target=server.run, name="http", daemon=True).start()
     host, port = getattr(server, "effective_host", args.host), getattr(server, "effective_port", args.port)
     print(f"Serving on http://{host}:{port} (templates: {args.templates}, database: {args.db})", flush=True)
@@ -1707,14 +1708,6 @@ def claim_database(path: str) -> None:
     except BlockingIOError:
         os.close(descriptor)
         raise OSError("another app.py is serving it") from None
-
-
-def reload_templates(catalog: TemplateCatalog) -> None:
-    try:
-        catalog.reload()
-        log_line(f"templates reloaded from {catalog.path}")
-    except TemplateError as error:
-        log_line(f"templates not reloaded, the previous ones stay in force: {error}")
 
 
 if __name__ == "__main__":
