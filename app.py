@@ -562,7 +562,8 @@ class JobStore:
         self._queue.append(write)
         while not write.done:  # another thread may commit it while this one waits for the lock
             with self._write_lock:
-                self._commit_queued()
+                if not write.done:
+                    self._commit_queued()
         self._commit_stragglers()
         if write.error is not None:
             raise write.error
