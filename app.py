@@ -477,7 +477,7 @@ class TemplateCatalog:
             return False
         try:
             self.reload()
-        except TemplateError as error:
+        except (TemplateError, sqlite3.Error) as error:
             self._stamp = self._file_stamp()  # report a bad file once, not every second
             log_line(f"templates not reloaded, the previous ones stay in force: {error}")
             return False
@@ -514,11 +514,11 @@ class PendingWrite:
 class JobStore:
     """Every SQL statement of the program.
 
-    Writes are serialized in one place: one connection, used by whichever thread holds the write lock. A
-    thread queues its write, takes the lock, and commits in one transaction every write queued by then, its
-    own and other threads' (group commit without a thread of its own: no hand-off when there is no
-    contention, one commit for many writes when there is). Each thread reads on a connection of its own
-    (WAL: reads never wait for writes)."""
+    Writes are serialized in one place: one connection, used by one thread at a time, the committer. A thread
+    queues its write; if no commit is under way it becomes the committer and commits in one transaction every
+    write queued by then, others' included, else it waits for its write to be done (group commit without a
+    thread of its own: no hand-off when there is no contention, one transaction for many writes when there
+    is). Each thread reads on a connection of its own (WAL: reads never wait for writes)."""
 
     MAX_BATCH = 500
 
@@ -532,7 +532,9 @@ class JobStore:
             self._writer.close()
             raise
         self._queue: deque[PendingWrite] = deque()
-        self._write_lock = threading.Lock()
+        self._turn = threading.Condition()  # guards the queue and the fields below, never held during a commit
+        self._committing = False
+        self._waiting = 0  # threads waiting for their write while another commits
         self._closed = False
 
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
@@ -555,47 +557,59 @@ class JobStore:
 
     def _write(self, operation, after_commit=None):
         """Run operation(connection) in a transaction and return its result once committed;
-        after_commit(result) runs right after the commit, in commit order, with the write lock held."""
-        if self._closed:
-            raise sqlite3.OperationalError("the job store is closed: the server is stopping")
+        after_commit(result) runs right after the commit, in commit order."""
         write = PendingWrite(operation, after_commit)
-        self._queue.append(write)
-        while not write.done:  # another thread may commit it while this one waits for the lock
-            with self._write_lock:
-                if not write.done:
-                    self._commit_queued()
-        self._commit_stragglers()
+        with self._turn:
+            if self._closed:
+                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
+            self._queue.append(write)
+            while not write.done:
+                if self._committing:
+                    self._waiting += 1
+                    self._turn.wait()
+                    self._waiting -= 1
+                else:
+                    self._commit_turn()
         if write.error is not None:
             raise write.error
         return write.result
 
     def _write_later(self, operation) -> None:
-        """Queue a write without waiting for it; it is committed before any later write."""
-        if not self._closed:
-            self._queue.append(PendingWrite(operation))
-            self._commit_stragglers()
+        """Queue a write without waiting for it: the committer under way, or this thread, commits it."""
+        with self._turn:
+            if not self._closed:
+                self._queue.append(PendingWrite(operation))
+                if not self._committing:
+                    self._commit_turn()
 
-    def _commit_stragglers(self) -> None:
-        # A write queued while another thread held the lock may have come after that thread's last look at
-        # the queue: whoever finds the queue non-empty and the lock free commits it.
-        while self._queue and self._write_lock.acquire(blocking=False):
-            try:
-                self._commit_queued()
-            finally:
-                self._write_lock.release()
+    def _commit_turn(self) -> None:
+        """Commit the queued writes, batch by batch, until the queue is empty or another thread waits to take
+        its own turn; call holding self._turn, with no commit under way."""
+        self._committing = True
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
+                self._turn.release()
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    self._turn.acquire()
+                if self._waiting:  # what is left belongs to them; only queued-and-forgotten writes are not
+                    break
+        finally:
+            self._committing = False
+            self._turn.notify_all()
 
-    def _commit_queued(self) -> None:
-        """Commit the writes queued so far in one transaction; call with the write lock held."""
-        batch = []
-        while self._queue and len(batch) < self.MAX_BATCH:
-            batch.append(self._queue.popleft())
-        error = self._commit(batch)
-        if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
-            for write in batch:  # one bad write must not fail the others: each again, alone
-                write.error = None
-                self._commit([write])
-        for write in batch:
-            write.done = True
+    def _commit_batch(self, batch: list[PendingWrite]) -> None:
+        try:
+            error = self._commit(batch)
+            if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
+                for write in batch:  # one bad write must not fail the others: each again, alone
+                    write.error = None
+                    self._commit([write])
+        finally:
+            for write in batch:
+                write.done = True
 
     def _commit(self, batch: list[PendingWrite]) -> Exception | None:
         """Run a batch of writes in one transaction; the error that failed them all, if any.
@@ -625,10 +639,12 @@ class JobStore:
         return None
 
     def close(self) -> None:
-        with self._write_lock:
+        """Commit what is queued, then close; later writes fail with an OperationalError."""
+        with self._turn:
+            while self._committing:
+                self._turn.wait()
             self._closed = True
-            while self._queue:
-                self._commit_queued()
+            self._commit_turn()
             self._writer.close()
 
     # Templates.
@@ -784,7 +800,7 @@ class JobStore:
 
     # Upkeep.
 
-    def prune_finished(self, before: float, batch: int = 500) -> int:
+    def prune_finished(self, before: float, stopping: threading.Event | None = None, batch: int = 500) -> int:
         """Delete finished jobs older than `before` with their logs, in small transactions, then give the
         freed pages back to the file system. Returns the number of jobs deleted."""
         def prune_some(db) -> int:
@@ -797,7 +813,7 @@ class JobStore:
             return len(ids)
 
         deleted = 0
-        while count := self._write(prune_some):
+        while (stopping is None or not stopping.is_set()) and (count := self._write(prune_some)):
             deleted += count
         if deleted:
             self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
@@ -1205,28 +1221,33 @@ class JobRunner:
                     self.lock.wait()
                 if execution is None:
                     return
+            retry = False
             try:
-                self._execute(execution)
+                variables = self.store.pending_variables(execution.job_id)
+                if variables is not None:  # else canceled in the meantime
+                    execution.run(variables)
+            except sqlite3.Error as error:  # could not even read the job: it stays Pending, to run later
+                log_line(f"job {execution.job_id}: could not start it ({error}); it stays Pending")
+                retry = True
             except Exception:  # keep the worker alive whatever happens
                 traceback.print_exc()
             finally:
                 with self.lock:
                     self.executing[execution.template.name] -= 1
                     del self.running[execution.job_id]
+                    if retry:
+                        self._requeue(execution.job_id, execution.template)
                     self.lock.notify_all()
+            if retry:
+                self.stopping.wait(1.0)
 
-    def _execute(self, execution: JobExecution) -> None:
-        try:
-            variables = self.store.pending_variables(execution.job_id)
-        except sqlite3.Error as error:
-            log_line(f"job {execution.job_id}: could not start it ({error}); it stays Pending")
-            with self.lock:
-                self.queues[execution.template.name].appendleft((execution.job_id, execution.template))
-                self.pending += 1
-            self.stopping.wait(1.0)
-            return
-        if variables is not None:  # else canceled in the meantime
-            execution.run(variables)
+    def _requeue(self, job_id: int, template: JobTemplate) -> None:
+        """Put a job back in its place in its template's queue; call with the lock held."""
+        queue = self.queues.setdefault(template.name, deque())
+        queue.append((job_id, template))
+        if len(queue) > 1 and queue[-2][0] > job_id:
+            self.queues[template.name] = deque(sorted(queue, key=lambda entry: entry[0]))
+        self.pending += 1
 
     # Cancel.
 
@@ -1249,8 +1270,7 @@ class JobRunner:
                                       [v.name for v in queued[1][1].secrets])
             except sqlite3.Error:
                 with self.lock:  # still Pending in the store: it stays queued
-                    queued[0].appendleft(queued[1])
-                    self.pending += 1
+                    self._requeue(*queued[1])
                 raise
             self.notify(job_id)
         elif execution is not None:
@@ -1333,7 +1353,7 @@ class Maintenance:
                 self.catalog.reload_if_changed()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + self.prune_every
-                    deleted = self.store.prune_finished(time.time() - self.keep_days * 86400)
+                    deleted = self.store.prune_finished(time.time() - self.keep_days * 86400, self.stopping)
                     if deleted:
                         log_line(f"pruned {deleted} finished jobs older than {self.keep_days:g} days")
             except Exception as error:
@@ -1480,7 +1500,7 @@ def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> di
 def shutdown_app(app: Flask, grace: float) -> None:
     """Stop what create_app started: no new jobs, running ones get `grace` seconds, then the store closes."""
     app.extensions["job_runner"].shutdown(grace)
-    app.extensions["job_maintenance"].thread.join()
+    app.extensions["job_maintenance"].thread.join(timeout=10)
     app.extensions["job_store"].close()
 
 
@@ -1682,12 +1702,15 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=catalog.reload_if_changed, args=(True,)).start())
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # a handler must not start threads or take locks
     threading.Thread(target=server.run, name="http", daemon=True).start()
     host, port = getattr(server, "effective_host", args.host), getattr(server, "effective_port", args.port)
     print(f"Serving on http://{host}:{port} (templates: {args.templates}, database: {args.db})", flush=True)
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            catalog.reload_if_changed(force=True)
     log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish"
              " (Ctrl-C again to kill them now)")
     shutdown_app(app, args.grace)
@@ -1702,8 +1725,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def claim_database(path: str) -> None:
-    """Hold an exclusive lock on DB.lock for the life of the process: one server per database."""
-    descriptor = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive flock on the database file for the life of the process: one server per database,
+    whatever path (link, bind mount) names it. flock and SQLite's fcntl locks do not interact on Linux, and
+    the descriptor is never closed, so SQLite's own locks are never dropped by closing it."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
