@@ -666,6 +666,15 @@ def test_review_second_instance_leaves_the_first_ones_jobs_alone(start_server, t
     assert logs(server, executing) == "INFO: started\n"
     assert logs(server, pending) == ""
 
+    # The same database through a symbolic link: still the same database.
+    link = tmp_path / "link.db"
+    link.symlink_to(server.db)
+    result = run_app("--port", "0", "--templates", str(server.templates), "--db", str(link), timeout=15)
+    line = assert_one_clear_line(result, str(link))
+    assert re.search(r"in use|another app\.py", line), line
+    assert status_word(server, executing) == "Executing"
+    assert status_word(server, pending) == "Pending"
+
     assert cancel(server, pending) == "Error"
     assert cancel(server, executing) == "Error"
     assert server.stop() == 0
