@@ -179,8 +179,8 @@ class JobTemplate:
     version: int = 0  # the store's id for this definition
 
     @property
-    def secrets(self) -> list[Variable]:
-        return [v for v in self.variables.values() if v.secret]
+    def secret_names(self) -> list[str]:
+        return [v.name for v in self.variables.values() if v.secret]
 
 
 class FieldReader:
@@ -385,11 +385,10 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def key_matches(given: str | None, digest: str) -> bool:
-    """Whether a request's key opens a template with this key digest, compared in constant time."""
-    if not digest:
-        return True
-    return hmac.compare_digest(key_digest(given or ""), digest) and bool(given)
+def check_key(given: str | None, digest: str) -> None:
+    """Refuse (403) a request whose key does not open a template with this key digest; constant time."""
+    if digest and not (hmac.compare_digest(key_digest(given or ""), digest) and given):
+        raise ApiError("Invalid API key" if given else "Missing API key", 403)
 
 
 def substitute(text: str, values: dict[str, str]) -> str:
@@ -921,7 +920,7 @@ class JobExecution:
             self.variables = variables
             self.values = {name.lower(): value for name, value in variables.items()}
             self.values.update(jobtoken=str(self.job_id), templatename=self.template.name)
-            secrets = {variables[v.name] for v in self.template.secrets if variables.get(v.name)}
+            secrets = {variables[name] for name in self.template.secret_names if variables.get(name)}
             secrets |= {line for secret in secrets for line in secret.split("\n") if line}  # output comes by lines
             self.secrets = sorted(secrets, key=len, reverse=True)
             deadline = time.monotonic() + self.template.timeout if self.template.timeout else None
@@ -1083,11 +1082,11 @@ class JobExecution:
                              f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output were dropped")
         self.announce_stop()
         status = STATUS_BY_WORST_LEVEL[self.worst]
-        secrets = [v.name for v in self.template.secrets]
         delay = 0.5
         while True:
             try:
-                self.store.finish_job(self.job_id, status, self.seq, self.buffer, secrets, self.started_at)
+                self.store.finish_job(self.job_id, status, self.seq, self.buffer, self.template.secret_names,
+                                      self.started_at)
                 break
             except sqlite3.Error as error:
                 if self.runner.stopping.wait(delay):
@@ -1267,7 +1266,7 @@ class JobRunner:
         if queued:
             try:
                 self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")],
-                                      [v.name for v in queued[1][1].secrets])
+                                      queued[1][1].secret_names)
             except sqlite3.Error:
                 with self.lock:  # still Pending in the store: it stays queued
                     self._requeue(*queued[1])
@@ -1544,8 +1543,7 @@ def create_app(config: dict | None = None) -> Flask:
         job = store.get_job(int(token))
         if job is None:
             raise ApiError(f"No job has the token {int(token)}")
-        if not key_matches(params.key, job.key_digest):
-            raise ApiError("Missing API key" if not params.key else "Invalid API key", 403)
+        check_key(params.key, job.key_digest)
         return job
 
     @app.before_request
@@ -1567,8 +1565,7 @@ def create_app(config: dict | None = None) -> Flask:
             raise ApiError(f"No template named {shown(name)}", 404)
         if not template.api:
             raise ApiError(f"Template {template.name} does not allow API use", 403)
-        if not key_matches(params.key, template.key_digest):
-            raise ApiError("Missing API key" if not params.key else "Invalid API key", 403)
+        check_key(params.key, template.key_digest)
         variables = resolve_variables(template, params.variables)
         return text_response(str(runner.submit(template, variables)))
 
