@@ -1,5 +1,5 @@
-"""The job store and the runner's use of it, in-process: group commit under concurrent writers, writes
-after close, and a worker that cannot read its job."""
+"""The job store and the runner's use of it, in-process: group commit under concurrent writers (the turn
+held, passed on, ended; one failing write in a batch), close, and a worker that cannot read its job."""
 
 import sqlite3
 import threading
@@ -52,6 +52,111 @@ def test_concurrent_writes_all_commit_and_run_their_callbacks_in_id_order(store,
     assert sorted(returned) == committed == list(range(1, 401))
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         assert db.execute("SELECT count(*) FROM jobs").fetchone() == (400,)
+
+
+def hold_the_turn(store):
+    """Start a write that keeps the committer's turn until the returned event is set; returns (event, thread)
+    once the turn is taken."""
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(db):
+        inside.set()
+        release.wait(30)
+
+    thread = threading.Thread(target=store._write, args=(slow,))
+    thread.start()
+    assert inside.wait(30)
+    return release, thread
+
+
+def count_versions(path) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM template_versions").fetchone()[0]
+
+
+def test_writes_queued_behind_a_commit_are_all_committed_each_waking_its_own_writer(store, tmp_path):
+    release, holder = hold_the_turn(store)
+    results, threads = {}, []
+    for number in range(6):  # they queue behind the held turn, each waiting for its own write
+        thread = threading.Thread(
+            target=lambda n=number: results.__setitem__(n, store.save_template_version(f"t{n}", "{}", ""))
+        )
+        thread.start()
+        threads.append(thread)
+    store._write_later(lambda db: db.execute(
+        "INSERT INTO template_versions (name, definition) VALUES ('later', '{}')"))
+    wait_for(lambda: len(store._queue) == 7, what="the writes to queue")
+    assert not results  # nothing is committed while the turn is held
+    release.set()
+    for thread in threads + [holder]:
+        thread.join(30)
+    assert sorted(results) == list(range(6)) and len(set(results.values())) == 6
+    wait_for(lambda: count_versions(tmp_path / "jobs.db") == 7, what="the queued-and-forgotten write")
+    assert not store._committing and not store._queue  # the turn ended with the queue empty
+
+
+def test_a_write_queued_and_forgotten_is_committed_by_whoever_holds_the_turn(store, tmp_path):
+    release, holder = hold_the_turn(store)
+    for number in range(3):  # nobody waits for these: the holder must commit them before its turn ends
+        store._write_later(lambda db, n=number: db.execute(
+            "INSERT INTO template_versions (name, definition) VALUES (?, '{}')", (f"later{n}",)))
+    release.set()
+    holder.join(30)
+    assert count_versions(tmp_path / "jobs.db") == 3
+    assert not store._committing
+
+
+def test_one_failing_write_does_not_fail_the_others_of_its_batch(store, tmp_path):
+    release, holder = hold_the_turn(store)
+    outcomes = {}
+
+    def write(name, operation):
+        try:
+            outcomes[name] = store._write(operation)
+        except Exception as error:  # the failing one: its own error, and only its own
+            outcomes[name] = error
+
+    def bad(db):
+        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 'x', '{}')")
+        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 'y', '{}')")  # same id
+
+    def good(name):
+        return lambda db: db.execute("INSERT INTO template_versions (name, definition) VALUES (?, '{}')",
+                                     (name,)).lastrowid
+
+    threads = [threading.Thread(target=write, args=("before", good("before"))),
+               threading.Thread(target=write, args=("bad", bad)),
+               threading.Thread(target=write, args=("after", good("after")))]
+    for thread in threads:
+        thread.start()
+        wait_for(lambda: len(store._queue) == threads.index(thread) + 1, what="the write to queue")
+    release.set()
+    for thread in threads + [holder]:
+        thread.join(30)
+    assert isinstance(outcomes["bad"], sqlite3.IntegrityError)
+    assert isinstance(outcomes["before"], int) and isinstance(outcomes["after"], int)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        names = {row[0] for row in db.execute("SELECT name FROM template_versions")}
+    assert names == {"before", "after"}  # the bad write left nothing behind, the others are all there
+
+
+def test_close_waits_for_the_commit_under_way_and_commits_what_is_queued(tmp_path):
+    store = server_module.JobStore(tmp_path / "jobs.db")
+    release, holder = hold_the_turn(store)
+    waiter = threading.Thread(target=store.save_template_version, args=("queued", "{}", ""))
+    waiter.start()
+    wait_for(lambda: len(store._queue) == 1, what="the write to queue")
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    wait_for(lambda: store._closed, what="close to begin")
+    assert closer.is_alive()  # it waits for the turn to end
+    with pytest.raises(sqlite3.OperationalError, match="closed"):
+        store.save_template_version("too late", "{}", "")
+    release.set()
+    for thread in (holder, waiter, closer):
+        thread.join(30)
+        assert not thread.is_alive()
+    assert count_versions(tmp_path / "jobs.db") == 1
 
 
 def test_a_write_after_close_fails_with_a_clear_error(tmp_path):
