@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import re
-import selectors
+import select
 import signal
 import socket
 import sqlite3
@@ -1019,14 +1019,14 @@ class JobExecution:
 
     def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
         streams = {process.stdout.fileno(): [step.stdout_level, b""], process.stderr.fileno(): [step.stderr_level, b""]}
-        selector = selectors.DefaultSelector()
+        poller = select.poll()  # no descriptor of its own to set up and close, unlike epoll, for each process
         exit_watch = process_exit_watch(process.pid)
         try:
             for fd in streams:
                 os.set_blocking(fd, False)
-                selector.register(fd, selectors.EVENT_READ)
+                poller.register(fd, select.POLLIN)
             if exit_watch is not None:
-                selector.register(exit_watch, selectors.EVENT_READ)
+                poller.register(exit_watch, select.POLLIN)
             exited_at = kill_at = killed_at = None
             while streams or exited_at is None:
                 now = time.monotonic()
@@ -1055,24 +1055,23 @@ class JobExecution:
                     wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
                 if deadline is not None and self.stop_reason is None:
                     wait = min(wait, max(0.0, deadline - now))
-                for key, _ in selector.select(wait):
-                    if key.fd == exit_watch:
-                        selector.unregister(exit_watch)
+                for fd, _ in poller.poll(wait * 1000):  # POLLIN, or POLLHUP at the end: both read
+                    if fd == exit_watch:
+                        poller.unregister(exit_watch)
                         exited_at = time.monotonic()
                         continue
-                    chunk = os.read(key.fd, 65536)
-                    stream = streams[key.fd]
+                    chunk = os.read(fd, 65536)
+                    stream = streams[fd]
                     if chunk:
                         self.take_output(stream, chunk)
                     else:
-                        selector.unregister(key.fd)
+                        poller.unregister(fd)
                         if stream[1]:
                             self.log_output(stream[0], stream[1])
-                        del streams[key.fd]
+                        del streams[fd]
                 self.flush_if_due()
             code = process_exit_code(process)
         finally:
-            selector.close()
             if exit_watch is not None:
                 os.close(exit_watch)
         if self.stop_reason:
