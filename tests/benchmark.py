@@ -196,6 +196,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all of a process's threads so far, from /proc: under
+    load, the hand-offs of the interpreter lock between threads show up here."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            total += sum(int(line.split()[1]) for line in status.read_text().splitlines() if "ctxt_switches" in line)
+        except (OSError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -420,10 +432,12 @@ class Bench:
         return server
 
     def load(self, server: Child, paths, connections: int, label: str, duration: float | None = None) -> dict:
-        """HTTP load on a server; adds the server's CPU time per request ("cpu_us") to the result."""
-        before = cpu_seconds(server.pid)
+        """HTTP load on a server; adds the server's CPU time ("cpu_us") and context switches ("switches") per
+        request to the result."""
+        before, switches_before = cpu_seconds(server.pid), context_switches(server.pid)
         result = http_load(server.port, paths, connections, duration or self.duration, self.use_wrk, self.workdir, label)
         result["cpu_us"] = (cpu_seconds(server.pid) - before) / max(1, result["requests"]) * 1e6
+        result["switches"] = (context_switches(server.pid) - switches_before) / max(1, result["requests"])
         return result
 
     # 1. Trigger requests/s.
@@ -451,9 +465,10 @@ class Bench:
                     ours_runs.append(result)
                     note(f"fig 1 round {round_number + 1}: ours {result['rate']:.0f} req/s "
                          f"({result['requests']} requests, {result['errors']} errors, server CPU "
-                         f"{result['cpu_us']:.0f} us/request, jobs right after: {statuses}, first token {first}), "
-                         f"flask {base_runs[-1]['rate']:.0f} req/s ({base_runs[-1]['errors']} errors, "
-                         f"CPU {base_runs[-1]['cpu_us']:.0f} us/request)")
+                         f"{result['cpu_us']:.0f} us and {result['switches']:.1f} context switches/request, jobs right "
+                         f"after: {statuses}, first token {first}), flask {base_runs[-1]['rate']:.0f} req/s "
+                         f"({base_runs[-1]['errors']} errors, CPU {base_runs[-1]['cpu_us']:.0f} us and "
+                         f"{base_runs[-1]['switches']:.1f} context switches/request)")
                 finally:
                     server.stop()
         finally:
@@ -483,8 +498,8 @@ class Bench:
         self.ours["completion_rate"] = ours["rate"]
         note(f"fig 2: rounds ours {[round(r['rate']) for r in ours_runs]} jobs/s, baseline "
              f"{[round(r) for r in base_runs]} /s; best ours: {ours['jobs']} jobs triggered in {ours['triggered']:.2f} s "
-             f"({ours['tool']}), all final after {ours['elapsed']:.2f} s, server CPU {ours['cpu_us']:.0f} us/job "
-             f"(without its children), statuses {ours['statuses']}")
+             f"({ours['tool']}), all final after {ours['elapsed']:.2f} s, server CPU {ours['cpu_us']:.0f} us and "
+             f"{ours['switches']:.1f} context switches per job (without its children), statuses {ours['statuses']}")
         ok = all(r["ok"] for r in ours_runs)
         row(f"2. jobs done/s, {count} x run=true, 4 workers", fmt(ours["rate"], "/s") + ("" if ok else " (not all Succeeded)"),
             fmt(base_rate, "/s") + " sh loop", ratio_text(ours["rate"], base_rate), ">= 0.60",
@@ -499,7 +514,7 @@ class Bench:
             wait_final(connection, "1", 30)
             if round_number == 0:
                 server.profile(self.profile_dir, "fig2")
-            cpu_before = cpu_seconds(server.pid)
+            cpu_before, switches_before = cpu_seconds(server.pid), context_switches(server.pid)
             start = time.perf_counter()
             if self.use_wrk:
                 tool = "wrk"
@@ -521,13 +536,14 @@ class Bench:
                     wait_final(connection, str(newest), max(0.1, deadline - time.monotonic()))
             elapsed = time.perf_counter() - start
             cpu = cpu_seconds(server.pid) - cpu_before
+            switches = context_switches(server.pid) - switches_before
             connection.close()
             statuses = count_statuses(server.db)
         finally:
             server.stop()
         jobs = sum(statuses.values()) - 1  # without the warm-up job
         return {"rate": jobs / elapsed, "jobs": jobs, "triggered": triggered, "elapsed": elapsed, "tool": tool,
-                "cpu_us": cpu / max(1, jobs) * 1e6,
+                "cpu_us": cpu / max(1, jobs) * 1e6, "switches": switches / max(1, jobs),
                 "statuses": statuses, "ok": statuses.get("Succeeded", 0) == jobs + 1 and jobs >= count}
 
     def trigger_with_wrk(self, port: int, path: str, count: int, label: str) -> None:
