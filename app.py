@@ -597,27 +597,49 @@ class JobStore:
 
     def _commit_turn(self, own: PendingWrite) -> None:
         """Holding the turn: commit batches of queued writes until `own` is committed, waking the writers of
-        each batch, then pass the turn to the oldest writer still queued (or end it when nobody waits)."""
+        each batch, then pass the turn on (see _pass_turn)."""
         own_done = False
         while True:
             with self._mutex:
-                if own_done:
-                    successor = next((write for write in self._queue if write.wake is not None), None)
-                    if successor is not None:
-                        successor.your_turn = True
-                        successor.wake.release()
-                        return
-                    if not self._queue:
-                        self._committing = False
-                        self._idle.notify_all()
-                        return
+                if own_done and self._pass_turn():
+                    return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
-            self._commit_batch(batch)
-            for write in batch:
-                if write is own:
-                    own_done = True
-                elif write.wake is not None:
-                    write.wake.release()
+            try:
+                self._commit_batch(batch)
+            except BaseException:  # a KeyboardInterrupt in the main thread: the batch failed, the turn goes on
+                self._wake_writers(batch, own)
+                with self._mutex:
+                    if own in self._queue:  # not reached yet: it goes with this thread
+                        self._queue.remove(own)
+                    if not self._pass_turn():  # writes nobody waits for are left: the next writer commits them
+                        self._end_turn()
+                raise
+            own_done = self._wake_writers(batch, own) or own_done
+
+    def _pass_turn(self) -> bool:
+        """Call holding the mutex, once the turn holder's own write is done: pass the turn to the oldest writer
+        still queued, or end it when nothing is queued. False when only writes nobody waits for are left."""
+        successor = next((write for write in self._queue if write.wake is not None), None)
+        if successor is not None:
+            successor.your_turn = True
+            successor.wake.release()
+            return True
+        if not self._queue:
+            self._end_turn()
+            return True
+        return False
+
+    def _end_turn(self) -> None:
+        self._committing = False
+        self._idle.notify_all()
+
+    @staticmethod
+    def _wake_writers(batch: list[PendingWrite], own: PendingWrite) -> bool:
+        """Wake the writers of a committed (or failed) batch but the turn holder; whether its own was in it."""
+        for write in batch:
+            if write is not own and write.wake is not None:
+                write.wake.release()
+        return own in batch
 
     def _commit_batch(self, batch: list[PendingWrite]) -> None:
         error = self._commit(batch)
@@ -636,14 +658,17 @@ class JobStore:
             for write in batch:
                 write.result = write.operation(connection)
             connection.execute("COMMIT")
-        except Exception as error:  # sqlite3.Error above all; anything else is a bug, reported the same way
+        except BaseException as error:  # sqlite3.Error above all; anything else is a bug, reported the same way
             if connection.in_transaction:
                 try:
                     connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            failure = error if isinstance(error, Exception) else sqlite3.OperationalError("the write was interrupted")
             for write in batch:
-                write.error = error
+                write.error = failure
+            if failure is not error:  # a KeyboardInterrupt goes on up the committing thread only
+                raise
             return error
         for write in batch:
             if write.after_commit is not None:

@@ -140,6 +140,52 @@ def test_one_failing_write_does_not_fail_the_others_of_its_batch(store, tmp_path
     assert names == {"before", "after"}  # the bad write left nothing behind, the others are all there
 
 
+def test_an_interrupt_during_a_commit_fails_its_batch_and_frees_the_turn(store, tmp_path):
+    """A Ctrl-C (KeyboardInterrupt) that lands in the main thread while it commits: its batch fails, the
+    others' writes report it, and the store goes on working (no turn left held, no transaction left open)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def interrupted(db):
+        db.execute("INSERT INTO template_versions (name, definition) VALUES ('lost', '{}')")
+        inside.set()
+        release.wait(30)
+        raise KeyboardInterrupt
+
+    raised, outcome = [], {}
+
+    def committer():
+        try:
+            store._write(interrupted)
+        except BaseException as error:  # noqa: B036 - the point of the test
+            raised.append(error)
+
+    def other():
+        try:
+            outcome["other"] = store.save_template_version("other", "{}", "")
+        except sqlite3.Error as error:
+            outcome["other"] = error
+
+    first = threading.Thread(target=committer)
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=other)
+    second.start()
+    wait_for(lambda: len(store._queue) == 1, what="the second write to queue")
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert not second.is_alive()
+    assert isinstance(raised[0], KeyboardInterrupt)
+    # The second write was in a later batch (committed with the turn passed to it) or in the failed one.
+    if isinstance(outcome["other"], sqlite3.Error):
+        assert "interrupted" in str(outcome["other"])
+    assert not store._committing and not store._writer.in_transaction
+    assert isinstance(store.save_template_version("after", "{}", ""), int)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        names = {row[0] for row in db.execute("SELECT name FROM template_versions")}
+    assert "lost" not in names and "after" in names
+
+
 def test_close_waits_for_the_commit_under_way_and_commits_what_is_queued(tmp_path):
     store = server_module.JobStore(tmp_path / "jobs.db")
     release, holder = hold_the_turn(store)
