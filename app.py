@@ -873,8 +873,9 @@ def sanitize_line(line: str) -> str:
 class JobExecution:
     """One job running on a worker thread: its steps, its processes and its log, until it is final."""
 
-    def __init__(self, runner: JobRunner, job_id: int, template: JobTemplate):
+    def __init__(self, runner: JobRunner, job_id: int, template: JobTemplate, queued_variables: dict | None = None):
         self.runner, self.store, self.job_id, self.template = runner, runner.store, job_id, template
+        self.queued_variables = queued_variables  # as triggered, when the queue kept them
         self.variables: dict[str, str] | None = None  # once running
         self.started_at: float | None = None
         self.marked_executing = False
@@ -1177,7 +1178,8 @@ class JobRunner:
         self.store, self.catalog = store, catalog
         self.workers, self.max_pending = workers, max_pending
         self.lock = threading.Condition()
-        self.queues: dict[str, deque[tuple[int, JobTemplate]]] = {}  # pending jobs by template name
+        # Pending jobs by template name: (id, template, variables when small enough to keep, else None).
+        self.queues: dict[str, deque[tuple[int, JobTemplate, dict | None]]] = {}
         self.pending = 0
         self.executing: dict[str, int] = {}  # by template name
         self.running: dict[int, JobExecution] = {}
@@ -1226,11 +1228,16 @@ class JobRunner:
             if self.pending >= self.max_pending:
                 raise ApiError(f"The queue is full ({self.pending} pending jobs); try again later", 503,
                                {"Retry-After": "5"})
-        return self.store.insert_job(template, variables, then=lambda job_id: self._enqueue(job_id, template))
+        return self.store.insert_job(template, variables,
+                                     then=lambda job_id: self._enqueue(job_id, template, variables))
 
-    def _enqueue(self, job_id: int, template: JobTemplate) -> None:
+    def _enqueue(self, job_id: int, template: JobTemplate, variables: dict[str, str] | None = None) -> None:
+        """Queue a committed job. Its variables are kept with it when small, so that its worker need not read
+        them back (a call into SQLite costs a hand-off of the GIL under load); else the worker reads them."""
+        if variables is not None and sum(len(name) + len(value) for name, value in variables.items()) > 4096:
+            variables = None  # 10,000 pending jobs must not each hold up to a MiB of variables in memory
         with self.lock:
-            self.queues.setdefault(template.name, deque()).append((job_id, template))
+            self.queues.setdefault(template.name, deque()).append((job_id, template, variables))
             self.pending += 1
             self.lock.notify()
 
@@ -1239,17 +1246,17 @@ class JobRunner:
         best = None
         for name, queue in self.queues.items():
             if queue:
-                job_id, template = queue[0]
+                job_id, template, _ = entry = queue[0]
                 limit = template.max_concurrent
                 if (limit is None or self.executing.get(name, 0) < limit) and (best is None or job_id < best[0]):
-                    best = (job_id, template)
+                    best = entry
         if best is None:
             return None
-        job_id, template = best
+        job_id, template, variables = best
         self.queues[template.name].popleft()
         self.pending -= 1
         self.executing[template.name] = self.executing.get(template.name, 0) + 1
-        execution = self.running[job_id] = JobExecution(self, job_id, template)
+        execution = self.running[job_id] = JobExecution(self, job_id, template, variables)
         return execution
 
     def _work(self) -> None:
@@ -1262,7 +1269,10 @@ class JobRunner:
                     return
             retry = False
             try:
-                variables = self.store.pending_variables(execution.job_id)
+                # A job taken from the queue is Pending: cancel removes a queued job under the same lock.
+                variables = execution.queued_variables
+                if variables is None:
+                    variables = self.store.pending_variables(execution.job_id)
                 if variables is not None:  # else canceled in the meantime
                     execution.run(variables)
             except sqlite3.Error as error:  # could not even read the job: it stays Pending, to run later
@@ -1280,10 +1290,10 @@ class JobRunner:
             if retry:
                 self.stopping.wait(1.0)
 
-    def _requeue(self, job_id: int, template: JobTemplate) -> None:
+    def _requeue(self, job_id: int, template: JobTemplate, variables: dict[str, str] | None = None) -> None:
         """Put a job back in its place in its template's queue; call with the lock held."""
         queue = self.queues.setdefault(template.name, deque())
-        queue.append((job_id, template))
+        queue.append((job_id, template, variables))
         if len(queue) > 1 and queue[-2][0] > job_id:
             self.queues[template.name] = deque(sorted(queue, key=lambda entry: entry[0]))
         self.pending += 1

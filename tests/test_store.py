@@ -11,8 +11,16 @@ from conftest import final_status, wait_for
 
 TEMPLATES = """
 [hello]
+[hello.variables]
+Big = ""
 [[hello.steps]]
 log = "hi"
+
+[echo]
+[echo.variables]
+Word = ""
+[[echo.steps]]
+run = 'printf "%s\\n" "${#Word}:$(printf "%s" "$Word" | cut -c1-3)"'
 
 [block]
 max_concurrent = 1
@@ -236,7 +244,8 @@ def test_a_worker_that_cannot_read_its_job_puts_it_back_and_stays_alive(make_app
 
     monkeypatch.setattr(runner, "stopping", Backoff())
     monkeypatch.setattr(store, "pending_variables", fail_once)
-    token = client.get("/api/jobs/trigger", {"template": "hello"}).text
+    # Variables this large are not kept in the queue: the worker reads them from the store.
+    token = client.get("/api/jobs/trigger", {"template": "hello", "Big": "x" * 5000}).text
     wait_for(lambda: failed, what="the failed read")
     # Another trigger wakes the other worker while the first one backs off: it may take the job back.
     other = client.get("/api/jobs/trigger", {"template": "hello"}).text
@@ -254,3 +263,16 @@ def test_a_worker_that_cannot_read_its_job_puts_it_back_and_stays_alive(make_app
     assert client.get("/api/jobs/cancel", {"token": blocked}).text == "Error"
     assert all(thread.is_alive() for thread in runner.threads)
     assert client.get("/api/jobs/logs", {"token": blocked}).text.endswith("ERROR: Job canceled\n")
+
+
+@pytest.mark.parametrize("size, read_back", [(10, False), (5000, True)])
+def test_a_job_gets_its_variables_whether_the_queue_kept_them_or_not(make_app, monkeypatch, size, read_back):
+    client = make_app(TEMPLATES, WORKERS=1)
+    store = client.app.extensions["job_store"]
+    read, reads = store.pending_variables, []
+    monkeypatch.setattr(store, "pending_variables", lambda job_id: reads.append(job_id) or read(job_id))
+    word = "abc" + "d" * (size - 3)
+    token = client.get("/api/jobs/trigger", {"template": "echo", "Word": word}).text
+    assert final_status(client, token) == "Succeeded"
+    assert client.get("/api/jobs/logs", {"token": token}).text == f"INFO: {size}:abc\n"
+    assert reads == ([int(token)] if read_back else [])
