@@ -13,8 +13,9 @@ also --no-wrk), which costs more client CPU on the same cores, so its figures ar
 its async trigger rate and synchronous completion rate are printed beside ours.
 
 Throughput figures alternate ours and the baseline for several rounds and keep the best of each, because
-other load on a shared machine only ever slows a round down. The notes under the table give counts, errors
-and the server's CPU time per request. Not collected by pytest (the name does not start with test_).
+other load on a shared machine only ever slows a round down. The notes under the table give counts, errors,
+the server's CPU time and context switches per request, and for figure 2 the CPU time per job of every process
+involved (server, its `sh` processes, the load client) beside the baseline's, with the cores they kept busy. Not collected by pytest (the name does not start with test_).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -187,13 +189,21 @@ class App(Child):
         super().__init__(name, argv, directory)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads, not its children), from /proc."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process (all its threads), from /proc; or, with children, that of its
+    children it has reaped (a server's job processes)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> tuple[float, float]:
+    """CPU time of this benchmark process, and of the children it has reaped (wrk, `sh` in a baseline)."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def context_switches(pid: int) -> int:
@@ -487,19 +497,27 @@ class Bench:
         base_runs, ours_runs = [], []
         for round_number in range(self.rounds):
             # Baseline: sh -c true, `count` times on 4 threads.
-            start = time.perf_counter()
+            cpu_before, start = own_cpu_seconds(), time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 codes = list(pool.map(lambda _: subprocess.run(["sh", "-c", "true"]).returncode, range(count)))
-            base_runs.append(count / (time.perf_counter() - start))
+            elapsed, cpu_after = time.perf_counter() - start, own_cpu_seconds()
+            loop_us, sh_us = ((after - before) / count * 1e6 for before, after in zip(cpu_before, cpu_after))
+            base_runs.append({"rate": count / elapsed, "loop_us": loop_us, "sh_us": sh_us,
+                              "busy": (loop_us + sh_us) * count / 1e6 / elapsed})
             if codes.count(0) != count:
                 raise RuntimeError("sh -c true failed")
             ours_runs.append(self.figure2_ours(count, round_number))
-        ours, base_rate = max(ours_runs, key=lambda r: r["rate"]), max(base_runs)
+        ours, base = max(ours_runs, key=lambda r: r["rate"]), max(base_runs, key=lambda r: r["rate"])
+        base_rate = base["rate"]
         self.ours["completion_rate"] = ours["rate"]
         note(f"fig 2: rounds ours {[round(r['rate']) for r in ours_runs]} jobs/s, baseline "
-             f"{[round(r) for r in base_runs]} /s; best ours: {ours['jobs']} jobs triggered in {ours['triggered']:.2f} s "
+             f"{[round(r['rate']) for r in base_runs]} /s; best ours: {ours['jobs']} jobs triggered in {ours['triggered']:.2f} s "
              f"({ours['tool']}), all final after {ours['elapsed']:.2f} s, server CPU {ours['cpu_us']:.0f} us and "
              f"{ours['switches']:.1f} context switches per job (without its children), statuses {ours['statuses']}")
+        # Where the time goes: CPU per job of every process involved, and how many cores were kept busy.
+        note(f"fig 2 CPU per job: ours {ours['cpu_us']:.0f} us server + {ours['children_us']:.0f} us its `sh` "
+             f"processes + {ours['client_us']:.0f} us client ({ours['tool']}), {ours['busy']:.2f} cores busy; "
+             f"baseline {base['loop_us']:.0f} us Python loop + {base['sh_us']:.0f} us `sh`, {base['busy']:.2f} cores busy")
         ok = all(r["ok"] for r in ours_runs)
         row(f"2. jobs done/s, {count} x run=true, 4 workers", fmt(ours["rate"], "/s") + ("" if ok else " (not all Succeeded)"),
             fmt(base_rate, "/s") + " sh loop", ratio_text(ours["rate"], base_rate), ">= 0.60",
@@ -515,6 +533,7 @@ class Bench:
             if round_number == 0:
                 server.profile(self.profile_dir, "fig2")
             cpu_before, switches_before = cpu_seconds(server.pid), context_switches(server.pid)
+            children_before, client_before = cpu_seconds(server.pid, children=True), sum(own_cpu_seconds())
             start = time.perf_counter()
             if self.use_wrk:
                 tool = "wrk"
@@ -536,6 +555,8 @@ class Bench:
                     wait_final(connection, str(newest), max(0.1, deadline - time.monotonic()))
             elapsed = time.perf_counter() - start
             cpu = cpu_seconds(server.pid) - cpu_before
+            children = cpu_seconds(server.pid, children=True) - children_before
+            client = sum(own_cpu_seconds()) - client_before
             switches = context_switches(server.pid) - switches_before
             connection.close()
             statuses = count_statuses(server.db)
@@ -544,6 +565,8 @@ class Bench:
         jobs = sum(statuses.values()) - 1  # without the warm-up job
         return {"rate": jobs / elapsed, "jobs": jobs, "triggered": triggered, "elapsed": elapsed, "tool": tool,
                 "cpu_us": cpu / max(1, jobs) * 1e6, "switches": switches / max(1, jobs),
+                "children_us": children / max(1, jobs) * 1e6, "client_us": client / max(1, jobs) * 1e6,
+                "busy": (cpu + children + client) / elapsed,
                 "statuses": statuses, "ok": statuses.get("Succeeded", 0) == jobs + 1 and jobs >= count}
 
     def trigger_with_wrk(self, port: int, path: str, count: int, label: str) -> None:
