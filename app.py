@@ -56,17 +56,29 @@ API_PARAMETERS = ("template", "key", "token")  # reserved as variable names ever
 TRIGGER_PARAMETERS = ("template", "key")  # what trigger reads; any other parameter is a variable
 JOB_PARAMETERS = ("token", "key")  # what status, logs and cancel read
 BUILTIN_VARIABLES = ("JobToken", "TemplateName")
+BUILTIN_NAMES = frozenset(name.lower() for name in BUILTIN_VARIABLES)
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
 # $Name, ${Name}, or $$ for a literal dollar sign.
 REFERENCE_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|\$)")
 # Names that change how programs run, refused as variables wherever they come from (compared in lower case).
-# Beyond the issue's list: the names through which glibc loads code or files into any program (gconv_path...).
+# Beyond the issue's list: the names through which glibc loads code or files into any program (glibc's own
+# list of variables unsafe for setuid programs, and the locale and time zone names, which may be paths).
 FORBIDDEN_NAMES = frozenset(
     "path home shell user ifs env bash_env cdpath ps4 shellopts bashopts tmpdir"
-    " gconv_path glibc_tunables locpath nlspath hostaliases resolv_host_conf".split()
+    " gconv_path getconf_dir glibc_tunables hostaliases localdomain locpath nis_path nlspath res_options"
+    " resolv_host_conf tzdir tz lang language".split()
 )
 FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_", "malloc_")
 FORBIDDEN_SUFFIXES = ("_proxy",)
+
+# Programs that run one of their arguments as code, and the options that mark it (a shell: any short option
+# cluster with c, as in -c or -ec, then its first operand). An exec step may not put a variable there, since
+# a request's value would become code: a run step passes values to its script as environment variables.
+SHELLS = frozenset("sh bash dash zsh ksh mksh ash yash fish".split())
+CODE_OPTIONS = {
+    "python": ("-c",), "perl": ("-e", "-E"), "ruby": ("-e",), "node": ("-e", "--eval", "-p", "--print"),
+    "nodejs": ("-e", "--eval", "-p", "--print"), "php": ("-r",), "lua": ("-e",),
+}
 
 MAX_VALUE_BYTES = 8 * 1024
 MAX_VARIABLES = 100
@@ -281,6 +293,35 @@ def parse_variable(name: str, spec, where: str) -> Variable:
     return variable
 
 
+def code_arguments(argv: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(program, position) of each argument that a command runs as code: a shell's -c script, python's -c
+    and the like (see SHELLS and CODE_OPTIONS), also behind a wrapper such as env, sudo or timeout."""
+    found = []
+    for i, word in enumerate(argv):
+        program = re.sub(r"[0-9.]+$", "", os.path.basename(word))  # python3.11 -> python
+        if program not in SHELLS and program not in CODE_OPTIONS:
+            continue
+        shell_c = skip_next = False
+        for j in range(i + 1, len(argv)):
+            argument = argv[j]
+            if skip_next:
+                skip_next = False
+            elif program in SHELLS and argument in ("-o", "+o"):
+                skip_next = True  # takes an option name
+            elif program in SHELLS and argument.startswith(("-", "+")) and argument != "--":
+                shell_c = shell_c or argument == "--command" or (argument[1:2] != "-" and "c" in argument[1:])
+            elif program in SHELLS:  # the first operand: the script when -c was given
+                if shell_c and argument != "--":
+                    found.append((word, j))
+                break
+            elif argument in CODE_OPTIONS[program] and j + 1 < len(argv):
+                found.append((word, j + 1))
+                break
+            elif not argument.startswith("-"):  # the script file: what follows is its own arguments
+                break
+    return found
+
+
 def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
     """One [[name.steps]] table; known_names is None when the template allows undeclared variables."""
     fields = FieldReader(spec, where, STEP_FIELDS)
@@ -302,6 +343,13 @@ def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
             referenced = match.group(1) or match.group(2)
             if referenced and known_names is not None and referenced.lower() not in known_names:
                 fields.fail(kind, f"refers to ${referenced}, which is neither declared nor built in")
+    for program, position in code_arguments(command) if kind == "exec" else ():
+        for match in REFERENCE_PATTERN.finditer(command[position]):
+            referenced = match.group(1) or match.group(2)
+            if referenced and referenced.lower() not in BUILTIN_NAMES:
+                fields.fail("exec", f"puts ${referenced} into the code that {program!r} runs (argument {position}), "
+                                    "where a request's value would become code: use a run step, which passes "
+                                    "variables as environment variables, or pass the value as an argument of its own")
     env = fields.get("env", dict, {}, "a table of strings")
     for env_name, env_value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name) or scalar_text(env_value) is None:
@@ -342,11 +390,12 @@ def parse_template(name: str, table, where: str) -> JobTemplate:
     step_specs = fields.get("steps", list, [], "an array of tables ([[name.steps]])")
     steps = tuple(parse_step(spec, f"{where}, steps[{i}]", known) for i, spec in enumerate(step_specs))
     max_log_bytes = fields.positive("max_log_bytes", int) or DEFAULT_MAX_LOG_BYTES
-    # What the store keeps: never the key, never a secret's default (a job's own variables hold that).
+    # What the store keeps: never the key, never a secret's default or choices (a job's own variables hold
+    # its value; a stored version is only read back to run a job, never to check a request).
     definition = {k: v for k, v in table.items() if k not in ("key", "key_env")}
     if any(v.secret for v in variables.values()):
         definition["variables"] = {
-            name: dict(spec, default="") if variables[name.lower()].secret else spec
+            name: dict(spec, default="", choices=[]) if variables[name.lower()].secret else spec
             for name, spec in table["variables"].items()
         }
     return JobTemplate(
@@ -881,6 +930,7 @@ class JobExecution:
         self.marked_executing = False
         self.values: dict[str, str] = {}  # by lower-case name, for substitution
         self.secrets: list[str] = []
+        self.secret_bytes: list[bytes] = []  # the same, as process output carries them
         self.seq = 0  # of the next entry to store
         self.buffer: list[tuple[str, str]] = []
         self.buffered_since = 0.0
@@ -901,18 +951,23 @@ class JobExecution:
             self._buffer(level, sanitize_line(line))
 
     def log_output(self, level: str, raw: bytes) -> None:
-        """Log one line of a process's output, within the template's log budget."""
+        """Log one line of a process's output (masked already, see take_output), within the log budget."""
         if self.log_bytes + len(raw) > self.template.max_log_bytes:
             self.dropped_lines += 1
             self.dropped_bytes += len(raw)
             return
         self.log_bytes += len(raw)
-        self._buffer(level, sanitize_line(self.mask(raw.decode("utf-8", "replace"))))
+        self._buffer(level, sanitize_line(raw.decode("utf-8", "replace")))
 
     def mask(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
+
+    def mask_output(self, raw: bytes) -> bytes:
+        for secret in self.secret_bytes:
+            raw = raw.replace(secret, b"***")
+        return raw
 
     def _buffer(self, level: str, line: str) -> None:
         if not self.buffer:
@@ -965,6 +1020,7 @@ class JobExecution:
             secrets = {variables[name] for name in self.template.secret_names if variables.get(name)}
             secrets |= {line for secret in secrets for line in secret.split("\n") if line}  # output comes by lines
             self.secrets = sorted(secrets, key=len, reverse=True)
+            self.secret_bytes = [secret.encode() for secret in self.secrets]
             deadline = time.monotonic() + self.template.timeout if self.template.timeout else None
             for step in self.template.steps:
                 if self.stop_reason or not self.run_step(step, deadline):
@@ -1105,15 +1161,37 @@ class JobExecution:
         return code
 
     def take_output(self, stream: list, chunk: bytes) -> None:
+        """Log the complete lines of a chunk of output, each in entries of at most MAX_LINE_BYTES, and keep the
+        unfinished last line, logging it the same way while it grows past that. Secrets are masked line by line
+        before any cut, and a cut is moved back before a secret still arriving, so that no cut splits one."""
         level, partial = stream
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
-        while len(partial) > MAX_LINE_BYTES:
-            lines.append(partial[:MAX_LINE_BYTES])
-            partial = partial[MAX_LINE_BYTES:]
-        stream[1] = partial
-        for line in lines:
+        *lines, partial = (partial + chunk).split(b"\n")
+        for line in lines:  # at most 2 * MAX_LINE_BYTES: the unfinished line never grows past MAX_LINE_BYTES
+            line = self.mask_output(line)
+            while len(line) > MAX_LINE_BYTES:
+                self.log_output(level, line[:MAX_LINE_BYTES])
+                line = line[MAX_LINE_BYTES:]
             self.log_output(level, line)
+        partial = self.mask_output(partial)
+        while len(partial) > MAX_LINE_BYTES:
+            cut = self.cut_before_secret(partial)
+            self.log_output(level, partial[:cut])
+            partial = partial[cut:]
+        stream[1] = partial
+
+    def cut_before_secret(self, partial: bytes) -> int:
+        """Where to cut a long unfinished line: MAX_LINE_BYTES, or earlier if the line may end with the
+        beginning of a secret (it is masked already, so no whole secret is left in it)."""
+        cut = MAX_LINE_BYTES
+        moved = True
+        while moved:
+            moved = False
+            for secret in self.secret_bytes:
+                for start in range(max(cut - len(secret) + 1, len(partial) - len(secret) + 1), cut):
+                    if secret.startswith(partial[start:]):
+                        cut, moved = start, True
+                        break
+        return cut
 
     def finish(self) -> None:
         """Store the last entries and the final status, retrying while storage fails (the job cannot end
@@ -1450,7 +1528,7 @@ class RequestParameters:
             else:
                 raise ApiError(f"Unsupported Content-Type {shown(mimetype)}: send "
                                "application/x-www-form-urlencoded or application/json", 415)
-        return cls(pairs, api_names, request.headers.get("X-ApiKey"), body_key)
+        return cls(pairs, api_names, header_text(request.headers.get("X-ApiKey")), body_key)
 
     def number(self, name: str, kind=float, maximum=None):
         """An optional numeric parameter (None when absent), clamped to maximum."""
@@ -1470,6 +1548,17 @@ class RequestParameters:
             if variable_name.lower() == name:
                 return value
         return None
+
+
+def header_text(value: str | None) -> str | None:
+    """A header's value as the text the client sent: UTF-8, or else Latin-1 (HTTP's historical charset, and
+    how WSGI hands every header over)."""
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def parse_urlencoded(raw: bytes, where: str) -> list[tuple[str, str]]:
@@ -1560,6 +1649,7 @@ def text_response(body, status: int = 200, headers: dict | None = None) -> Respo
 def create_app(config: dict | None = None) -> Flask:
     """The Flask application, with its store, templates and runner (started) in app.extensions."""
     app = Flask(__name__)
+    app.url_map.merge_slashes = False  # /api//jobs/trigger is a 404 like any unknown path, not a redirect
     app.config.from_mapping(
         DATABASE=str(HERE / "jobs.db"),
         TEMPLATES=str(HERE / "templates.toml"),
@@ -1737,8 +1827,10 @@ def main(argv: list[str] | None = None) -> int:
     from waitress import create_server
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault
+    # The app refuses a body over --max-body with its own 413; waitress, which counts a chunked body's framing
+    # too, only stops bodies far larger before they are read.
     server = create_server(app, sockets=[listener], threads=args.http_threads,
-                           max_request_body_size=args.max_body + 1, ident="")  # waitress refuses >=
+                           max_request_body_size=2 * args.max_body + 65536, ident="")
 
     stop = threading.Event()
 

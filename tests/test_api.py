@@ -1470,3 +1470,93 @@ def test_review_404_names_every_endpoint(shared, path):
     for endpoint in ("/api/jobs/trigger", "/api/jobs/status", "/api/jobs/logs", "/api/jobs/cancel",
                      "/api/templates"):
         assert endpoint in response.text, response.text
+
+
+#
+# Regression tests for the fixes of a second independent review (one per item).
+#
+
+SECOND_REVIEW = '''
+[straddle]
+[straddle.variables]
+Password = { default = "", secret = true, required = true }
+[[straddle.steps]]
+# 65,530 bytes, then the secret across the 64 KiB cut: in one write, or its first 8 characters, a pause (the
+# reader cuts the line meanwhile) and the rest.
+run = """head -c 65530 /dev/zero | tr '\\\\0' a
+if [ "$Split" = yes ]; then printf '%.8s' "$Password"; sleep 0.3; printf '%s' "${Password#????????}"
+else printf '%s' "$Password"; fi
+echo ' end'"""
+[straddle.variables.Split]
+default = "no"
+
+[longline]
+[[longline.steps]]
+# One write: the reader most likely gets the end of the line, newline included, in its second read.
+exec = ["python3", "-c", "import os; os.write(1, b'b' * 70000 + b'\\\\n')"]
+
+[chosen]
+[chosen.variables]
+Pw = { default = "", choices = ["alpha-choice-value", "beta-choice-value"], secret = true }
+[[chosen.steps]]
+run = '[ "${#Pw}" -eq 18 ]'
+
+[trailing]
+[[trailing.steps]]
+log = """
+first
+second
+"""
+[[trailing.steps]]
+log = "single\\n"
+[[trailing.steps]]
+log = ""
+
+[biglog]
+[[biglog.steps]]
+log = """{lines}"""
+'''.replace("{lines}", "\n".join(f"line {n}" for n in range(6000)))
+
+
+@pytest.mark.parametrize("split", ["no", "yes"])
+def test_review2_a_secret_across_the_64_KiB_cut_is_masked(make_app, split):
+    client = make_app(SECOND_REVIEW)
+    secret = "TopSecretPassw0rd-XYZ"
+    token, status, logs = run_job(client, "straddle", Password=secret, Split=split)
+    assert status == "Succeeded", logs[-300:]
+    for piece in (secret, secret[:6], secret[6:], "Passw0rd", "XYZ"):
+        assert piece not in logs, piece
+    entries = [line.removeprefix("INFO: ") for line in logs.splitlines()]
+    assert "".join(entries) == "a" * 65530 + "*** end", [e[-20:] for e in entries]
+    assert all(len(entry.encode()) <= 64 * 1024 for entry in entries)
+    messages = query(client, "SELECT message FROM logs WHERE job_id = ?", int(token))
+    assert not any("Passw0rd" in m or "TopSec" in m for (m,) in messages)
+
+
+def test_review2_a_finished_line_over_64_KiB_is_cut_too(make_app):
+    """A line whose end arrives in the same read as its last 64 KiB was stored whole before."""
+    client = make_app(SECOND_REVIEW)
+    token, status, logs = run_job(client, "longline")
+    assert status == "Succeeded"
+    sizes = [len(line.removeprefix("INFO: ")) for line in logs.splitlines()]
+    assert sizes == [65536, 70000 - 65536], sizes
+
+
+def test_review2_a_secrets_choices_are_not_stored(make_app):
+    client = make_app(SECOND_REVIEW)
+    token, status, logs = run_job(client, "chosen", Pw="alpha-choice-value")
+    assert status == "Succeeded", logs
+    stored = " ".join(row[0] for row in query(client, "SELECT definition FROM template_versions"))
+    stored += " ".join(row[0] for row in query(client, "SELECT variables FROM jobs"))
+    assert "choice-value" not in stored, stored
+    # A stored version still runs a job: the values were checked when it was triggered.
+    version = catalog(client).get("chosen").version
+    catalog(client)._versions.pop(version)
+    assert [step.command for step in catalog(client).version(version).steps] == ['[ "${#Pw}" -eq 18 ]']
+
+
+@pytest.mark.parametrize("path", ["/api/jobs//trigger", "/api//jobs/trigger", "/api//templates"])
+def test_review2_a_doubled_slash_is_a_404_not_a_redirect(shared, path):
+    response = shared.get(path, {"template": "three"}, status=404)
+    assert response.headers["Content-Type"] == TEXT and "Location" not in response.headers
+    assert "/api/jobs/trigger" in response.text

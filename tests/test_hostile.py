@@ -615,6 +615,7 @@ RESERVED_NAMES = [
     "token", "Token",
     # Beyond the issue's list, documented in the README: names through which glibc loads code or files.
     "GCONV_PATH", "GLIBC_TUNABLES", "LOCPATH", "NLSPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "MALLOC_CHECK_",
+    "GETCONF_DIR", "LOCALDOMAIN", "NIS_PATH", "RES_OPTIONS", "TZDIR", "TZ", "tz", "LANG", "LANGUAGE",
 ]
 
 RESERVED_TEMPLATES = """

@@ -729,3 +729,57 @@ def test_review_token_never_reused_after_pruning(start_server):
     assert int(fresh) > int(token), (fresh, token)
     assert again.final_status(fresh) == "Succeeded"
     assert again.stop() == 0
+
+
+
+#
+# Regression tests for the fixes of a second independent review, with a real server.
+#
+
+
+def second_review_templates(log_steps: int) -> str:
+    """A job of `log_steps` log steps of 5,000 lines each (no process at all), and two small ones."""
+    lines = "\n".join(f"line {n}" for n in range(5000))
+    steps = "".join(f"[[biglog.steps]]\nlog = \"\"\"{lines}\"\"\"\n" for _ in range(log_steps))
+    return (f"[biglog]\n{steps}\n"
+            '[hello]\nallow_new_variables = true\n[[hello.steps]]\nlog = "hi"\n\n'
+            '[keyed]\nkey = "clé-secrète"\n[[keyed.steps]]\nlog = "keyed"\n')
+
+
+def test_review2_a_chunked_body_of_max_body_bytes_is_accepted(start_server):
+    """waitress counts the chunks' framing toward its limit: it must not refuse what --max-body allows."""
+    server = start_server(second_review_templates(0), "--max-body", "1000", *GRACE)
+
+    def post_chunked(body: bytes, chunk: int) -> tuple[int, str]:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + chunk]), body[i:i + chunk])
+                          for i in range(0, len(body), chunk)) + b"0\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            connection.sendall(b"POST /api/jobs/trigger HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                               b"Content-Type: application/x-www-form-urlencoded\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + framed)
+            response = b""
+            while chunk_read := connection.recv(65536):
+                response += chunk_read
+        head, _, text = response.partition(b"\r\n\r\n")
+        return int(head.split()[1]), text.decode()
+
+    fits = b"template=hello&Pad=" + b"x" * (1000 - len(b"template=hello&Pad="))
+    status, token = post_chunked(fits, 10)
+    assert status == 200, token
+    assert server.final_status(token) == "Succeeded"
+    status, text = post_chunked(fits + b"x", 10)
+    assert status == 413 and "larger than 1000 bytes" in text, (status, text)
+    assert server.stop() == 0
+
+
+def test_review2_a_non_ascii_key_works_in_the_header(start_server):
+    server = start_server(second_review_templates(0), *GRACE)
+    path = "/api/jobs/trigger?template=keyed"
+    for encoding in ("utf-8", "latin-1"):  # what clients send; HTTP once defined header text as Latin-1
+        status, token, _ = server.request("GET", path, headers={"X-ApiKey": "clé-secrète".encode(encoding)})
+        assert status == 200, (encoding, token)
+        assert server.final_status(token, key="clé-secrète") == "Succeeded"
+    for wrong in ("cle-secrete".encode(), "clé-secrèt".encode(), b"\xff\xfe"):
+        status, body, _ = server.request("GET", path, headers={"X-ApiKey": wrong})
+        assert (status, body) == (403, "Invalid API key"), (wrong, status, body)
+    assert server.stop() == 0

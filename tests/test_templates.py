@@ -286,3 +286,40 @@ def test_review_non_finite_or_zero_numbers_are_refused(tmp_path, text, field):
     assert "'t'" in message and field in message, message
     if "steps" in text and "timeout" in text.split("[[t.steps]]")[1]:
         assert "steps[0]" in message, message
+
+
+#
+# An exec step may not put a variable into the code a shell or interpreter runs (a second review).
+#
+
+CODE_TEMPLATE = '[t]\nallow_new_variables = true\n[t.variables]\nWho = ""\n[[t.steps]]\nexec = {argv}\n'
+
+
+@pytest.mark.parametrize("argv", [
+    '["/bin/sh", "-c", "echo hello $Who"]',
+    '["bash", "-ec", "echo ${Who}"]',
+    '["bash", "-o", "pipefail", "-c", "x | grep $Who"]',
+    '["/usr/bin/env", "LC_ALL=C", "bash", "-c", "echo $Who"]',
+    '["sudo", "-u", "bob", "sh", "-c", "$Who"]',
+    '["python3", "-u", "-c", "print(\'$Who\')"]',
+    '["python3.11", "-c", "$Who"]',
+    '["perl", "-e", "print \\"$Who\\""]',
+    '["node", "--eval", "console.log(\'$Who\')"]',
+    '["ruby", "-e", "puts \\"$Undeclared\\""]',
+])
+def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
+    message = refusal(tmp_path, CODE_TEMPLATE.format(argv=argv))
+    assert "steps[0]" in message and "exec" in message and "code" in message and "run step" in message, message
+
+
+@pytest.mark.parametrize("argv", [
+    '["sh", "-c", "echo \\"hello $1\\"", "sh", "$Who"]',  # the value as a positional parameter: data
+    '["sh", "-c", "echo \\"hello $$Who\\""]',  # $$ is a literal $: the shell reads Who from the environment
+    '["bash", "-c", "echo job $JobToken of $TemplateName"]',  # built-ins are not request values
+    '["sh", "./deploy.sh", "$Who"]',  # a script file, then its arguments
+    '["python3", "script.py", "-c", "$Who"]',  # -c after the script belongs to the script
+    '["grep", "-c", "sh", "--", "$Who"]',
+    '["printf", "%s\\\\n", "--name=$Who"]',
+])
+def test_exec_allows_variables_outside_code(tmp_path, argv):
+    assert "t" in load(tmp_path, CODE_TEMPLATE.format(argv=argv))
