@@ -805,9 +805,9 @@ class JobStore:
         return json.loads(row[0]) if row else None
 
     def mark_executing(self, job_id: int, started_at: float) -> None:
-        """Pending -> Executing, committed before the job's first process starts: a job found Executing after
-        a crash may have done something and is never run again. (A job of log steps only goes from Pending
-        to its final status in one transaction.)"""
+        """Pending -> Executing, committed before the job's first process starts or its first log entries are
+        stored: a job found Executing after a crash may have done something and is never run again. (A job of
+        log steps only, with at most LOG_FLUSH_ENTRIES entries, goes from Pending to final in one transaction.)"""
         self._write(lambda db: db.execute(
             "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
             (started_at, job_id),
@@ -946,8 +946,9 @@ class JobExecution:
     # Log entries.
 
     def log(self, level: str, text: str) -> None:
-        """Log a message of the runner's or a log step's, one entry per line, never dropped."""
-        for line in self.mask(text).split("\n"):
+        """Log a message of the runner's or a log step's, one entry per line (a final newline ends the last
+        line, it starts no empty one), never dropped."""
+        for line in self.mask(text).removesuffix("\n").split("\n"):
             self._buffer(level, sanitize_line(line))
 
     def log_output(self, level: str, raw: bytes) -> None:
@@ -980,7 +981,7 @@ class JobExecution:
 
     def flush(self) -> None:
         """Write the buffered entries; a storage failure stops the job (it ends in Error when storage allows)."""
-        if not self.buffer or self.storage_error:
+        if not self.buffer or self.storage_error or not self.mark_executing():
             return
         try:
             self.store.append_logs(self.job_id, self.seq, self.buffer)
@@ -991,6 +992,21 @@ class JobExecution:
         self.seq += len(self.buffer)
         self.buffer = []
         self.runner.notify(self.job_id)
+
+    def mark_executing(self) -> bool:
+        """Commit Pending -> Executing once, before the job's first process starts or its first log entries are
+        stored, so that a job found Pending at a restart has done nothing yet; False (and the job stopped) when
+        storage fails."""
+        if self.marked_executing:
+            return True
+        try:
+            self.store.mark_executing(self.job_id, self.started_at)
+        except sqlite3.Error as error:
+            self.storage_error = error
+            self.request_stop(f"Could not store that the job started ({error}); it was stopped", graceful=False)
+            return False
+        self.marked_executing = True
+        return True
 
     def flush_if_due(self) -> None:
         if self.buffer and time.monotonic() - self.buffered_since >= LOG_FLUSH_SECONDS:
@@ -1069,14 +1085,8 @@ class JobExecution:
     def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
         """Run one process in a group of its own, logging its output; its exit code, or None if it timed
         out, was stopped or could not start. Nothing of its process group outlives this call."""
-        if not self.marked_executing:
-            try:
-                self.store.mark_executing(self.job_id, self.started_at)
-            except sqlite3.Error as error:
-                self.storage_error = error
-                self.request_stop(f"Could not store that the job started ({error}); it was stopped", graceful=False)
-                return None
-            self.marked_executing = True
+        if not self.mark_executing():
+            return None
         try:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1742,7 +1752,7 @@ def create_app(config: dict | None = None) -> Flask:
         job = find_job(RequestParameters.from_request(JOB_PARAMETERS))
         return text_response(runner.cancel(job.id))
 
-    @app.route("/api/templates", methods=["GET"])
+    @app.route("/api/templates", methods=["GET", "POST"])
     def templates():
         summaries = [template_summary(t) for t in catalog.api_templates()]
         return Response(json.dumps(summaries, indent=2) + "\n", mimetype="application/json")

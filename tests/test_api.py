@@ -993,10 +993,13 @@ def test_templates_endpoint(make_app):
     assert not any(name in entry for entry in data for name in ("key", "key_digest", "key_env"))
 
 
-def test_templates_endpoint_refuses_other_methods(make_app):
+def test_templates_endpoint_answers_get_and_post_only(make_app):
+    """Like every endpoint (README: "Every endpoint answers GET and POST"), for tools that POST forms."""
     client = make_app(TEMPLATES)
-    response = client.post("/api/templates", status=405)
-    assert response.headers["Content-Type"] == TEXT
+    assert client.post("/api/templates", status=200).text == client.get("/api/templates", status=200).text
+    for method in ("PUT", "DELETE", "PATCH"):
+        response = client.request("/api/templates", method=method, status=405)
+        assert response.headers["Content-Type"] == TEXT
 
 
 #
@@ -1553,6 +1556,29 @@ def test_review2_a_secrets_choices_are_not_stored(make_app):
     version = catalog(client).get("chosen").version
     catalog(client)._versions.pop(version)
     assert [step.command for step in catalog(client).version(version).steps] == ['[ "${#Pw}" -eq 18 ]']
+
+
+def test_review2_a_log_step_ending_in_a_newline_adds_no_empty_entry(make_app):
+    client = make_app(SECOND_REVIEW)
+    token, status, logs = run_job(client, "trailing")
+    assert status == "Succeeded"
+    assert logs == "INFO: first\nINFO: second\nINFO: single\nINFO: \n", logs
+
+
+def test_review2_a_job_with_stored_entries_is_never_pending(make_app):
+    """Its entries are flushed every 5,000: it is marked Executing first, so that after a crash it is ended
+    rather than run again (a second run collided with the entries of the first and was stuck in Pending)."""
+    client = make_app(SECOND_REVIEW)
+    token = trigger(client, "biglog")
+    seen = []
+    while not seen or seen[-1][0] not in FINAL:
+        (status, count), = query(client, "SELECT status, (SELECT count(*) FROM logs WHERE job_id = id) "
+                                         "FROM jobs WHERE id = ?", int(token))
+        seen.append((status, count))
+        wait_for(lambda: True, timeout=0.01)
+    assert not any(status == "Pending" and count for status, count in seen), seen
+    assert final_status(client, token) == "Succeeded"
+    assert len(logs_of(client, token).splitlines()) == 6000
 
 
 @pytest.mark.parametrize("path", ["/api/jobs//trigger", "/api//jobs/trigger", "/api//templates"])

@@ -746,6 +746,24 @@ def second_review_templates(log_steps: int) -> str:
             '[keyed]\nkey = "clé-secrète"\n[[keyed.steps]]\nlog = "keyed"\n')
 
 
+def test_review2_a_log_job_killed_half_way_ends_at_restart(start_server):
+    """A job of log steps only that stored entries was still Pending: after kill -9 it ran again from its
+    first entry, collided with the stored ones and stayed Pending for ever, holding a worker."""
+    templates = second_review_templates(200)
+    server = start_server(templates, "--workers", "1", *GRACE)
+    token = server.trigger("biglog")
+    wait_for(lambda: len(logs(server, token)) > 0, 20, what="the first entries to be stored")
+    assert status_word(server, token) == "Executing"
+    server.kill()
+
+    again = start_server(templates, "--workers", "1", *GRACE, db=server.db)
+    assert again.final_status(token, timeout=20) == "Error"
+    assert "server stopped" in logs(again, token).splitlines()[-1]
+    later = again.trigger("hello")
+    assert again.final_status(later, timeout=20) == "Succeeded"
+    assert again.stop() == 0
+
+
 def test_review2_a_chunked_body_of_max_body_bytes_is_accepted(start_server):
     """waitress counts the chunks' framing toward its limit: it must not refuse what --max-body allows."""
     server = start_server(second_review_templates(0), "--max-body", "1000", *GRACE)
