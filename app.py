@@ -35,6 +35,7 @@ import traceback
 import urllib.parse
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -71,14 +72,33 @@ FORBIDDEN_NAMES = frozenset(
 FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_", "malloc_")
 FORBIDDEN_SUFFIXES = ("_proxy",)
 
-# Programs that run one of their arguments as code, and the options that mark it (a shell: any short option
-# cluster with c, as in -c or -ec, then its first operand). An exec step may not put a variable there, since
-# a request's value would become code: a run step passes values to its script as environment variables.
-SHELLS = frozenset("sh bash dash zsh ksh mksh ash yash fish".split())
-CODE_OPTIONS = {
-    "python": ("-c",), "perl": ("-e", "-E"), "ruby": ("-e",), "node": ("-e", "--eval", "-p", "--print"),
-    "nodejs": ("-e", "--eval", "-p", "--print"), "php": ("-r",), "lua": ("-e",),
+# Programs that run an argument as code. An exec step may not put a variable into that argument, since a
+# request's value would become code: a run step passes values to its script as environment variables.
+# A POSIX shell runs its first operand when one of its option clusters has c (-c, -ec); o and O take a value.
+SHELLS = frozenset("sh bash dash zsh ksh mksh ash yash".split())
+
+
+class CodeOptions(NamedTuple):
+    """How an interpreter's options take code, by the letters of its short options."""
+    code: str  # code follows: attached (-e'...') where code_attached, else as the next word
+    value: str = ""  # another value follows, attached or as the next word
+    attached: str = ""  # an optional value follows, attached only (perl -i.bak)
+    digits: str = ""  # optional digits follow, then more options (perl -l0ne)
+    long_code: tuple[str, ...] = ()  # code follows as the next word, or after =
+    code_attached: bool = True
+
+
+INTERPRETERS = {
+    "python": CodeOptions("c", value="WXm"),
+    "perl": CodeOptions("eE", value="I", attached="MmxidDCF", digits="0l"),
+    "ruby": CodeOptions("e", value="rICE", attached="WxiF", digits="0"),
+    "node": CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False),
+    "nodejs": CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False),
+    "php": CodeOptions("rBRE", value="cdfz"),
+    "lua": CodeOptions("e", value="l"),
+    "fish": CodeOptions("cC", long_code=("--command", "--init-command")),
 }
+SHELL_PATH_OPTIONS = ("-s", "--shell")  # useradd -s /bin/bash: a value naming a shell, not a command
 
 MAX_VALUE_BYTES = 8 * 1024
 MAX_VARIABLES = 100
@@ -259,6 +279,15 @@ def scalar_text(value) -> str | None:
     return None
 
 
+def value_problem(value: str) -> str | None:
+    """Why a template's default or choice could not be a request's value, or None."""
+    if len(value.encode()) > MAX_VALUE_BYTES:
+        return f"is longer than {MAX_VALUE_BYTES // 1024} KiB"
+    if "\0" in value:
+        return "contains a NUL character"
+    return None
+
+
 def parse_variable(name: str, spec, where: str) -> Variable:
     problem = variable_name_problem(name)
     if problem:
@@ -267,6 +296,8 @@ def parse_variable(name: str, spec, where: str) -> Variable:
         default = scalar_text(spec)
         if default is None:
             raise TemplateError(f"{where}: the default must be a string, number or boolean")
+        if problem := value_problem(default):
+            raise TemplateError(f"{where}: the default {problem}")
         return Variable(name, default)
     fields = FieldReader(spec, where, VARIABLE_FIELDS)
     default = scalar_text(spec.get("default", ""))
@@ -281,6 +312,9 @@ def parse_variable(name: str, spec, where: str) -> Variable:
     choices = fields.get("choices", list, [], "an array of strings")
     if not all(isinstance(choice, str) for choice in choices):
         fields.fail("choices", "must be an array of strings")
+    for field, value in [("default", default), *(("choices", choice) for choice in choices)]:
+        if problem := value_problem(value):  # what a request's value may not be either
+            fields.fail(field, problem)
     variable = Variable(
         name, default, pattern or None, fields.flag("required", False), tuple(choices),
         fields.flag("secret", False), fields.text("description", ""),
@@ -294,32 +328,69 @@ def parse_variable(name: str, spec, where: str) -> Variable:
 
 
 def code_arguments(argv: tuple[str, ...]) -> list[tuple[str, int]]:
-    """(program, position) of each argument that a command runs as code: a shell's -c script, python's -c
-    and the like (see SHELLS and CODE_OPTIONS), also behind a wrapper such as env, sudo or timeout."""
+    """(program, position) of each argument that a command runs as code: a shell's -c script, python's -c,
+    perl's -e and the like (SHELLS, INTERPRETERS), also behind a wrapper such as env, sudo or timeout."""
     found = []
     for i, word in enumerate(argv):
         program = re.sub(r"[0-9.]+$", "", os.path.basename(word))  # python3.11 -> python
-        if program not in SHELLS and program not in CODE_OPTIONS:
+        if word.startswith("-") or (i and argv[i - 1] in SHELL_PATH_OPTIONS):
             continue
-        shell_c = skip_next = False
-        for j in range(i + 1, len(argv)):
-            argument = argv[j]
-            if skip_next:
-                skip_next = False
-            elif program in SHELLS and argument in ("-o", "+o"):
-                skip_next = True  # takes an option name
-            elif program in SHELLS and argument.startswith(("-", "+")) and argument != "--":
-                shell_c = shell_c or argument == "--command" or (argument[1:2] != "-" and "c" in argument[1:])
-            elif program in SHELLS:  # the first operand: the script when -c was given
-                if shell_c and argument != "--":
-                    found.append((word, j))
-                break
-            elif argument in CODE_OPTIONS[program] and j + 1 < len(argv):
-                found.append((word, j + 1))
-                break
-            elif not argument.startswith("-"):  # the script file: what follows is its own arguments
-                break
+        if program in SHELLS:
+            found += [(word, j) for j in shell_script(argv, i + 1)]
+        elif program in INTERPRETERS:
+            found += [(word, j) for j in interpreter_code(argv, i + 1, INTERPRETERS[program])]
     return found
+
+
+def shell_script(argv, first: int) -> list[int]:
+    """The position of the script of a POSIX shell whose options start at argv[first], if -c is among them."""
+    takes_c = False
+    position = first
+    while position < len(argv) and argv[position][:1] in ("-", "+") and argv[position] != "--":
+        option = argv[position]
+        if option in ("--rcfile", "--init-file"):
+            position += 1  # their value
+        elif not option.startswith("--"):
+            takes_c = takes_c or "c" in option
+            position += sum(letter in "oO" for letter in option[1:])  # the values of -o and -O, in order
+        position += 1
+    if position < len(argv) and argv[position] == "--":
+        position += 1
+    return [position] if takes_c and position < len(argv) else []
+
+
+def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
+    """The positions of the code arguments of an interpreter whose options start at argv[first]."""
+    found = []
+    position = first
+    while position < len(argv) and argv[position].startswith("-") and argv[position] not in ("-", "--"):
+        option, value_follows = argv[position], False
+        if option.startswith("--"):
+            name, equals, _ = option.partition("=")
+            if name in options.long_code:
+                found.append(position if equals else position + 1)
+                value_follows = not equals
+        else:
+            index = 1
+            while index < len(option):
+                letter, attached = option[index], index + 1 < len(option)
+                if letter in options.code and attached and options.code_attached:
+                    found.append(position)
+                    break
+                if letter in options.code:
+                    found.append(position + 1)  # and the cluster goes on: node -pe CODE
+                    value_follows = True
+                elif letter in options.value:
+                    value_follows = not attached
+                    break
+                elif letter in options.attached:
+                    break
+                elif letter in options.digits:
+                    while index + 1 < len(option) and option[index + 1].isdigit():
+                        index += 1
+                index += 1
+        position += 2 if value_follows else 1
+    return [place for place in found if place < len(argv)]
 
 
 def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
@@ -807,7 +878,7 @@ class JobStore:
     def mark_executing(self, job_id: int, started_at: float) -> None:
         """Pending -> Executing, committed before the job's first process starts or its first log entries are
         stored: a job found Executing after a crash may have done something and is never run again. (A job of
-        log steps only, with at most LOG_FLUSH_ENTRIES entries, goes from Pending to final in one transaction.)"""
+        log steps only, with fewer than LOG_FLUSH_ENTRIES entries, goes from Pending to final at once.)"""
         self._write(lambda db: db.execute(
             "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
             (started_at, job_id),
@@ -952,7 +1023,7 @@ class JobExecution:
             self._buffer(level, sanitize_line(line))
 
     def log_output(self, level: str, raw: bytes) -> None:
-        """Log one line of a process's output (masked already, see take_output), within the log budget."""
+        """Log one line of a process's output, masked already (see take_output), within the log budget."""
         if self.log_bytes + len(raw) > self.template.max_log_bytes:
             self.dropped_lines += 1
             self.dropped_bytes += len(raw)
@@ -1158,8 +1229,8 @@ class JobExecution:
                         self.take_output(stream, chunk)
                     else:
                         poller.unregister(fd)
-                        if stream[1]:
-                            self.log_output(stream[0], stream[1])
+                        if stream[1]:  # the last line, unfinished
+                            self.log_output(stream[0], self.mask_output(stream[1]))
                         del streams[fd]
                 self.flush_if_due()
             code = process_exit_code(process)
@@ -1171,37 +1242,38 @@ class JobExecution:
         return code
 
     def take_output(self, stream: list, chunk: bytes) -> None:
-        """Log the complete lines of a chunk of output, each in entries of at most MAX_LINE_BYTES, and keep the
-        unfinished last line, logging it the same way while it grows past that. Secrets are masked line by line
-        before any cut, and a cut is moved back before a secret still arriving, so that no cut splits one."""
+        """Log the complete lines of a chunk of output and keep the unfinished last one, as it came, for the
+        next chunk. A line longer than MAX_LINE_BYTES is logged in entries of at most that size; each entry
+        is masked on its own, so no cut may split a secret (see cut_point)."""
         level, partial = stream
         *lines, partial = (partial + chunk).split(b"\n")
         for line in lines:  # at most 2 * MAX_LINE_BYTES: the unfinished line never grows past MAX_LINE_BYTES
-            line = self.mask_output(line)
             while len(line) > MAX_LINE_BYTES:
-                self.log_output(level, line[:MAX_LINE_BYTES])
-                line = line[MAX_LINE_BYTES:]
-            self.log_output(level, line)
-        partial = self.mask_output(partial)
+                cut = self.cut_point(line)
+                self.log_output(level, self.mask_output(line[:cut]))
+                line = line[cut:]
+            self.log_output(level, self.mask_output(line))
         while len(partial) > MAX_LINE_BYTES:
-            cut = self.cut_before_secret(partial)
-            self.log_output(level, partial[:cut])
+            cut = self.cut_point(partial)
+            self.log_output(level, self.mask_output(partial[:cut]))
             partial = partial[cut:]
         stream[1] = partial
 
-    def cut_before_secret(self, partial: bytes) -> int:
-        """Where to cut a long unfinished line: MAX_LINE_BYTES, or earlier if the line may end with the
-        beginning of a secret (it is masked already, so no whole secret is left in it)."""
+    def cut_point(self, line: bytes) -> int:
+        """Where to cut a line longer than MAX_LINE_BYTES: the last place at or before it that is not inside
+        a UTF-8 character nor inside a secret, whole or (at the end of an unfinished line) still arriving.
+        Secrets are at most MAX_VALUE_BYTES, so such a place is found in the line's last half unless secrets
+        occur there overlapping one another all along (a secret "aa" in "aaaa..."); then MAX_LINE_BYTES."""
         cut = MAX_LINE_BYTES
-        moved = True
-        while moved:
-            moved = False
-            for secret in self.secret_bytes:
-                for start in range(max(cut - len(secret) + 1, len(partial) - len(secret) + 1), cut):
-                    if secret.startswith(partial[start:]):
-                        cut, moved = start, True
-                        break
-        return cut
+        while cut > MAX_LINE_BYTES // 2:
+            for _ in range(3):  # back to the first byte of a character (a continuation byte is 10xxxxxx)
+                if line[cut] & 0xC0 == 0x80:
+                    cut -= 1
+            spanning = [start for secret in self.secret_bytes for start in secret_starts_across(line, secret, cut)]
+            if not spanning:
+                return cut
+            cut = min(spanning)
+        return MAX_LINE_BYTES
 
     def finish(self) -> None:
         """Store the last entries and the final status, retrying while storage fails (the job cannot end
@@ -1225,6 +1297,20 @@ class JobExecution:
         self.seq += len(self.buffer)
         self.buffer = []
         self.runner.notify(self.job_id)
+
+
+def secret_starts_across(line: bytes, secret: bytes, cut: int) -> list[int]:
+    """Where, before `cut`, an occurrence of secret begins that reaches past it: a whole one, or the beginning
+    of one at the very end of the line (the rest may still come)."""
+    starts = []
+    whole = line.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1)
+    if whole != -1:
+        starts.append(whole)
+    for start in range(max(0, cut - len(secret) + 1, len(line) - len(secret) + 1), cut):
+        if secret.startswith(line[start:]):
+            starts.append(start)
+            break
+    return starts
 
 
 def signal_group(group: int, signum: int) -> None:

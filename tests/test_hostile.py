@@ -643,3 +643,77 @@ def test_reserved_names_are_refused_even_with_allow_new_variables(make_app, name
     assert_reason(response)
     # No job was created: the next accepted trigger gets token 1.
     assert client.get("/api/jobs/trigger", {"template": "open"}).text == "1"
+
+
+#
+# A process's output cut into entries and masked, fed to the runner directly in chunks of our choosing (a
+# second review found secrets stored in part when a read or a 64 KiB cut fell inside them).
+#
+
+
+def output_reader(monkeypatch, secrets, max_line=64):
+    """A JobExecution (no store, no process) masking `secrets`, with entries of at most max_line bytes."""
+    import types
+
+    import app as server_module
+
+    monkeypatch.setattr(server_module, "MAX_LINE_BYTES", max_line)
+    template = types.SimpleNamespace(max_log_bytes=10**9)
+    execution = server_module.JobExecution(types.SimpleNamespace(store=None), 1, template)
+    execution.secrets = sorted(secrets, key=len, reverse=True)
+    execution.secret_bytes = [secret.encode() for secret in execution.secrets]
+    return execution
+
+
+def feed(execution, chunks) -> list[str]:
+    """The entries stored for output arriving in these chunks, ended as at the end of the stream."""
+    stream = ["INFO", b""]
+    for chunk in chunks:
+        execution.take_output(stream, chunk)
+    if stream[1]:
+        execution.log_output("INFO", execution.mask_output(stream[1]))
+    return [line for _, line in execution.buffer]
+
+
+def test_a_secret_inside_a_longer_one_does_not_leave_the_rest_unmasked(monkeypatch):
+    """The unfinished line was kept masked: once its shorter secret was ***, the longer one, completed by the
+    next read, no longer matched, and its rest was stored."""
+    key, credential = "AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+    execution = output_reader(monkeypatch, [key, credential], max_line=1000)
+    assert feed(execution, [b"cred=" + key.encode(), credential[len(key):].encode() + b"\n"]) == ["cred=***"]
+
+
+def test_a_secret_of_asterisks_is_masked_once(monkeypatch):
+    """Masking the kept line again at every read tripled each * of a secret "*" each time."""
+    execution = output_reader(monkeypatch, ["*"], max_line=1000)
+    assert feed(execution, [b"progress: "] + [b"*"] * 20 + [b" done\n"]) == ["progress: " + "***" * 20 + " done"]
+
+
+@pytest.mark.parametrize("split", [None, 63, 64, 65, 66])
+def test_a_cut_never_falls_inside_a_utf8_character(monkeypatch, split):
+    execution = output_reader(monkeypatch, [], max_line=64)
+    text = ("€" * 60).encode()  # 180 bytes, 3 per character: the 64-byte cut is inside one
+    chunks = [text + b"\n"] if split is None else [text[:split], text[split:] + b"\n"]
+    entries = feed(execution, chunks)
+    assert "".join(entries) == "€" * 60 and all(len(e.encode()) <= 64 for e in entries), entries
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=st.text("abcé", min_size=1, max_size=8).filter(lambda s: len(set(s)) == len(s)),
+       lines=st.lists(st.text("abcé*x", min_size=0, max_size=300) | st.text("abcé*x", min_size=60, max_size=300),
+                      min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 800), max_size=12))
+def test_output_is_masked_as_whole_lines_however_it_is_read_and_cut(monkeypatch, secret, lines, cuts):
+    """Whatever the reads and the 64-byte cuts, each line's entries together are the line masked whole.
+    (A secret with no repeated character cannot overlap itself, so a cut outside it always exists.)"""
+    execution = output_reader(monkeypatch, [secret], max_line=64)
+    output = "\n".join(lines).encode() + b"\n"
+    points = sorted({min(cut, len(output)) for cut in cuts} | {0, len(output)})
+    entries = feed(execution, [output[a:b] for a, b in zip(points, points[1:]) if b > a])
+    remaining = iter(entries)
+    for line in [line.replace(secret, "***") for line in lines]:  # each line's entries, in order
+        text = next(remaining)
+        while text != line and text and line.startswith(text):  # the pieces of a line that was cut
+            text += next(remaining)
+        assert text == line, (entries, lines)
+    assert next(remaining, None) is None, entries

@@ -116,6 +116,14 @@ REFUSALS = [
      ["variables.V", "default"]),
     ("default-not-a-choice", "[t]\n[t.variables]\nV = { default = 'blue', choices = ['red'] }" + GOOD_STEP,
      ["variables.V", "default"]),
+    # Defaults and choices follow the limits of a request's value (a secret longer than a log entry could not
+    # be masked in it).
+    ("default-over-8-KiB", '[t]\n[t.variables]\nV = "' + "x" * 8193 + '"' + GOOD_STEP, ["variables.V", "8 KiB"]),
+    ("secret-default-over-8-KiB", '[t]\n[t.variables]\nV = { secret = true, default = "' + "x" * 8193 + '" }'
+     + GOOD_STEP, ["variables.V", "default", "8 KiB"]),
+    ("choice-over-8-KiB", '[t]\n[t.variables]\nV = { choices = ["a", "' + "x" * 8193 + '"] }' + GOOD_STEP,
+     ["variables.V", "choices", "8 KiB"]),
+    ("default-with-nul", '[t]\n[t.variables]\nV = "a\\u0000b"' + GOOD_STEP, ["variables.V", "NUL"]),
 ]
 
 
@@ -306,6 +314,18 @@ CODE_TEMPLATE = '[t]\nallow_new_variables = true\n[t.variables]\nWho = ""\n[[t.s
     '["perl", "-e", "print \\"$Who\\""]',
     '["node", "--eval", "console.log(\'$Who\')"]',
     '["ruby", "-e", "puts \\"$Undeclared\\""]',
+    # Forms a second review found getting past the first version of the check:
+    '["bash", "-c", "--", "echo $Who"]',
+    '["bash", "-euo", "pipefail", "-c", "echo $Who"]',
+    '["bash", "-O", "extglob", "-c", "echo $Who"]',
+    '["perl", "-pe", "s/old/$Who/"]',
+    '["perl", "-i", "-lne", "print if /$Who/"]',
+    '["ruby", "-ne", "puts $Who"]',
+    '["python3", "-W", "ignore", "-c", "print($Who)"]',
+    '["python3", "-X", "utf8", "-uc", "print($Who)"]',
+    '["python3", "-cprint($Who)"]',
+    '["node", "-pe", "$Who"]',
+    '["php", "-d", "x=1", "-r", "echo $Who;"]',
 ])
 def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     message = refusal(tmp_path, CODE_TEMPLATE.format(argv=argv))
@@ -320,6 +340,12 @@ def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     '["python3", "script.py", "-c", "$Who"]',  # -c after the script belongs to the script
     '["grep", "-c", "sh", "--", "$Who"]',
     '["printf", "%s\\\\n", "--name=$Who"]',
+    # -c that is not a shell's: a comment (useradd), an option of a program or of a script.
+    '["useradd", "-m", "-s", "/bin/bash", "-c", "$Who", "--", "login"]',
+    '["usermod", "--shell=/bin/zsh", "-c", "$Who", "login"]',
+    '["node", "app.js", "-e", "$Who"]',
+    '["perl", "-Mfeature=say", "script.pl", "-e", "$Who"]',
+    '["python3", "-m", "http.server", "$Who"]',
 ])
 def test_exec_allows_variables_outside_code(tmp_path, argv):
     assert "t" in load(tmp_path, CODE_TEMPLATE.format(argv=argv))
