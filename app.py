@@ -79,26 +79,41 @@ SHELLS = frozenset("sh bash dash zsh ksh mksh ash yash".split())
 
 
 class CodeOptions(NamedTuple):
-    """How an interpreter's options take code, by the letters of its short options."""
+    """How a program's options take code, by the letters of its short options and the names of its long ones."""
     code: str  # code follows: attached (-e'...') where code_attached, else as the next word
     value: str = ""  # another value follows, attached or as the next word
     attached: str = ""  # an optional value follows, attached only (perl -i.bak)
     digits: str = ""  # optional digits follow, then more options (perl -l0ne)
-    long_code: tuple[str, ...] = ()  # code follows as the next word, or after =
+    last: str = ""  # no option comes after this one's value (python -m module args...)
+    long_code: tuple[str, ...] = ()  # code follows, as the next word or after =
+    long_value: tuple[str, ...] = ()  # another value follows, as the next word or after =
     code_attached: bool = True
+    anywhere: bool = False  # options may follow operands too (su USER -c COMMAND)
 
 
+PYTHON = CodeOptions("c", value="WXm", last="m")
+NODE = CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False,
+                   long_value=("--require", "--import", "--loader", "--experimental-loader", "--input-type",
+                               "--conditions", "--title"))
+SU = CodeOptions("c", value="sgGwu", long_code=("--command", "--session-command"), anywhere=True,
+                 long_value=("--shell", "--group", "--supp-group", "--whitelist-environment", "--user"))
 INTERPRETERS = {
-    "python": CodeOptions("c", value="WXm"),
+    "python": PYTHON, "pypy": PYTHON,
     "perl": CodeOptions("eE", value="I", attached="MmxidDCF", digits="0l"),
     "ruby": CodeOptions("e", value="rICE", attached="WxiF", digits="0"),
-    "node": CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False),
-    "nodejs": CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False),
-    "php": CodeOptions("rBRE", value="cdfz"),
+    "node": NODE, "nodejs": NODE,
+    "php": CodeOptions("rBRE", value="cdfz", long_code=("--run", "--process-begin", "--process-code",
+                                                        "--process-end")),
     "lua": CodeOptions("e", value="l"),
-    "fish": CodeOptions("cC", long_code=("--command", "--init-command")),
+    "fish": CodeOptions("cC", value="pdo", long_code=("--command", "--init-command"),
+                        long_value=("--profile", "--debug", "--debug-output", "--features")),
+    "su": SU, "runuser": SU,  # they run -c COMMAND with a shell
 }
-SHELL_PATH_OPTIONS = ("-s", "--shell")  # useradd -s /bin/bash: a value naming a shell, not a command
+# sudo -s/-i (--shell/--login) runs its whole command line with a shell; these of its options take a value.
+SUDO_VALUES = ("uUgpCDhrtT", ("--user", "--other-user", "--group", "--prompt", "--close-from", "--chdir",
+                              "--host", "--role", "--type", "--command-timeout"))
+# Account tools whose -s/--shell names a login shell to record, not a command to run.
+SHELL_SETTERS = frozenset("useradd usermod adduser chsh".split())
 
 MAX_VALUE_BYTES = 8 * 1024
 MAX_VARIABLES = 100
@@ -329,16 +344,19 @@ def parse_variable(name: str, spec, where: str) -> Variable:
 
 def code_arguments(argv: tuple[str, ...]) -> list[tuple[str, int]]:
     """(program, position) of each argument that a command runs as code: a shell's -c script, python's -c,
-    perl's -e and the like (SHELLS, INTERPRETERS), also behind a wrapper such as env, sudo or timeout."""
+    perl's -e, su's -c and the like (SHELLS, INTERPRETERS, sudo -s), also behind a wrapper (env, timeout...)."""
     found = []
     for i, word in enumerate(argv):
-        program = re.sub(r"[0-9.]+$", "", os.path.basename(word))  # python3.11 -> python
-        if word.startswith("-") or (i and argv[i - 1] in SHELL_PATH_OPTIONS):
+        program = re.sub(r"[0-9.]+t?$", "", os.path.basename(word))  # python3.13t, perl5.36 -> python, perl
+        if word.startswith("-") or (i and argv[i - 1] in ("-s", "--shell")
+                                    and any(os.path.basename(w) in SHELL_SETTERS for w in argv[:i])):
             continue
         if program in SHELLS:
             found += [(word, j) for j in shell_script(argv, i + 1)]
         elif program in INTERPRETERS:
             found += [(word, j) for j in interpreter_code(argv, i + 1, INTERPRETERS[program])]
+        elif program == "sudo":
+            found += [(word, j) for j in sudo_shell_command(argv, i + 1)]
     return found
 
 
@@ -359,17 +377,44 @@ def shell_script(argv, first: int) -> list[int]:
     return [position] if takes_c and position < len(argv) else []
 
 
+def sudo_shell_command(argv, first: int) -> list[int]:
+    """The positions of the command words that sudo -s or -i, whose options start at argv[first], joins into
+    a shell command line."""
+    value_letters, long_values = SUDO_VALUES
+    shell = False
+    position = first
+    while position < len(argv) and argv[position].startswith("-") and argv[position] != "--":
+        option = argv[position]
+        if option.startswith("--"):
+            name, equals, _ = option.partition("=")
+            shell = shell or name in ("--shell", "--login")
+            position += name in long_values and not equals
+        else:
+            for index, letter in enumerate(option[1:], 1):
+                shell = shell or letter in "si"
+                if letter in value_letters:
+                    position += index + 1 == len(option)  # the value is the next word
+                    break
+        position += 1
+    if position < len(argv) and argv[position] == "--":
+        position += 1
+    return list(range(position, len(argv))) if shell else []
+
+
 def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
-    """The positions of the code arguments of an interpreter whose options start at argv[first]."""
+    """The positions of the code arguments of a program (INTERPRETERS) whose options start at argv[first]."""
     found = []
     position = first
-    while position < len(argv) and argv[position].startswith("-") and argv[position] not in ("-", "--"):
-        option, value_follows = argv[position], False
-        if option.startswith("--"):
+    while position < len(argv) and (argv[position] != "--" or options.anywhere):  # su passes -c on to the shell
+        option, value_follows, last = argv[position], False, False
+        if not option.startswith("-") or option == "-":  # an operand: the script, or su's user name
+            if not options.anywhere:
+                break
+        elif option.startswith("--"):
             name, equals, _ = option.partition("=")
             if name in options.long_code:
                 found.append(position if equals else position + 1)
-                value_follows = not equals
+            value_follows = (name in options.long_code or name in options.long_value) and not equals
         else:
             index = 1
             while index < len(option):
@@ -381,7 +426,7 @@ def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
                     found.append(position + 1)  # and the cluster goes on: node -pe CODE
                     value_follows = True
                 elif letter in options.value:
-                    value_follows = not attached
+                    value_follows, last = not attached, letter in options.last
                     break
                 elif letter in options.attached:
                     break
@@ -390,6 +435,8 @@ def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
                         index += 1
                 index += 1
         position += 2 if value_follows else 1
+        if last:
+            break
     return [place for place in found if place < len(argv)]
 
 
@@ -1243,37 +1290,53 @@ class JobExecution:
 
     def take_output(self, stream: list, chunk: bytes) -> None:
         """Log the complete lines of a chunk of output and keep the unfinished last one, as it came, for the
-        next chunk. A line longer than MAX_LINE_BYTES is logged in entries of at most that size; each entry
-        is masked on its own, so no cut may split a secret (see cut_point)."""
+        next chunk. A line longer than MAX_LINE_BYTES is logged in entries of that much output at most; each
+        entry is masked on its own, so no cut may split a secret (see cut_point)."""
         level, partial = stream
         *lines, partial = (partial + chunk).split(b"\n")
         for line in lines:  # at most 2 * MAX_LINE_BYTES: the unfinished line never grows past MAX_LINE_BYTES
             while len(line) > MAX_LINE_BYTES:
-                cut = self.cut_point(line)
+                cut = self.cut_point(line, finished=True)
                 self.log_output(level, self.mask_output(line[:cut]))
                 line = line[cut:]
             self.log_output(level, self.mask_output(line))
         while len(partial) > MAX_LINE_BYTES:
-            cut = self.cut_point(partial)
+            cut = self.cut_point(partial, finished=False)
             self.log_output(level, self.mask_output(partial[:cut]))
             partial = partial[cut:]
         stream[1] = partial
 
-    def cut_point(self, line: bytes) -> int:
-        """Where to cut a line longer than MAX_LINE_BYTES: the last place at or before it that is not inside
-        a UTF-8 character nor inside a secret, whole or (at the end of an unfinished line) still arriving.
-        Secrets are at most MAX_VALUE_BYTES, so such a place is found in the line's last half unless secrets
-        occur there overlapping one another all along (a secret "aa" in "aaaa..."); then MAX_LINE_BYTES."""
-        cut = MAX_LINE_BYTES
-        while cut > MAX_LINE_BYTES // 2:
-            for _ in range(3):  # back to the first byte of a character (a continuation byte is 10xxxxxx)
-                if line[cut] & 0xC0 == 0x80:
-                    cut -= 1
-            spanning = [start for secret in self.secret_bytes for start in secret_starts_across(line, secret, cut)]
-            if not spanning:
+    def cut_point(self, line: bytes, finished: bool) -> int:
+        """Where to cut a line longer than MAX_LINE_BYTES: the last place at or before that which is neither
+        inside a UTF-8 character, nor inside an occurrence of a secret, nor (in an unfinished line) past the
+        start of a secret that may still be arriving at its end. Secrets are at most MAX_VALUE_BYTES, so such a
+        place is found in the line's last half unless secrets occur there overlapping one another all along
+        (a secret "aa" in "aaaa..."); then MAX_LINE_BYTES."""
+        lowest = MAX_LINE_BYTES // 2
+        highest = MAX_LINE_BYTES if finished else min(MAX_LINE_BYTES, self.arriving_secret(line))
+        if highest <= lowest:
+            return MAX_LINE_BYTES
+        inside = bytearray(highest - lowest + 1)  # 1 where a cut would split an occurrence of a secret
+        for secret in (secret for secret in self.secret_bytes if len(secret) > 1):
+            start = line.find(secret, max(0, lowest - len(secret) + 1), highest + len(secret) - 1)
+            while start != -1:
+                first, last = max(start + 1, lowest), min(start + len(secret) - 1, highest)
+                inside[first - lowest:last - lowest + 1] = b"\1" * (last - first + 1)
+                start = line.find(secret, start + 1, highest + len(secret) - 1)
+        for cut in range(highest, lowest, -1):
+            if not inside[cut - lowest] and line[cut] & 0xC0 != 0x80:  # not 10xxxxxx: a character's first byte
                 return cut
-            cut = min(spanning)
         return MAX_LINE_BYTES
+
+    def arriving_secret(self, line: bytes) -> int:
+        """Where the longest end of an unfinished line that begins a secret starts (len(line) if none)."""
+        earliest = len(line)
+        for secret in self.secret_bytes:
+            for size in range(min(len(secret) - 1, len(line)), 0, -1):
+                if line.endswith(secret[:size]):
+                    earliest = min(earliest, len(line) - size)
+                    break
+        return earliest
 
     def finish(self) -> None:
         """Store the last entries and the final status, retrying while storage fails (the job cannot end
@@ -1297,20 +1360,6 @@ class JobExecution:
         self.seq += len(self.buffer)
         self.buffer = []
         self.runner.notify(self.job_id)
-
-
-def secret_starts_across(line: bytes, secret: bytes, cut: int) -> list[int]:
-    """Where, before `cut`, an occurrence of secret begins that reaches past it: a whole one, or the beginning
-    of one at the very end of the line (the rest may still come)."""
-    starts = []
-    whole = line.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1)
-    if whole != -1:
-        starts.append(whole)
-    for start in range(max(0, cut - len(secret) + 1, len(line) - len(secret) + 1), cut):
-        if secret.startswith(line[start:]):
-            starts.append(start)
-            break
-    return starts
 
 
 def signal_group(group: int, signum: int) -> None:

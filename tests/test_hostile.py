@@ -698,6 +698,15 @@ def test_a_cut_never_falls_inside_a_utf8_character(monkeypatch, split):
     assert "".join(entries) == "€" * 60 and all(len(e.encode()) <= 64 for e in entries), entries
 
 
+def test_a_short_secret_repeating_along_a_line_does_not_stop_the_cut_early(monkeypatch):
+    """A secret "aa" occurs at every place of a run of a's; the cut goes back to the run's start, once (one
+    place at a time, for each of 8 KiB secrets, took 9 s of CPU per 64 KiB line)."""
+    execution = output_reader(monkeypatch, ["aa", "x" * 8192, "y" * 8192], max_line=65536)
+    entries = feed(execution, [b"c" * 57000 + b"a" * 8537 + b"\n"])
+    assert [len(entry) for entry in entries] == [57000, 8537 // 2 * 3 + 1], [len(e) for e in entries]
+    assert entries[0] == "c" * 57000 and "aa" not in entries[1]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(secret=st.text("abcé", min_size=1, max_size=8).filter(lambda s: len(set(s)) == len(s)),
        lines=st.lists(st.text("abcé*x", min_size=0, max_size=300) | st.text("abcé*x", min_size=60, max_size=300),

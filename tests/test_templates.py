@@ -326,6 +326,16 @@ CODE_TEMPLATE = '[t]\nallow_new_variables = true\n[t.variables]\nWho = ""\n[[t.s
     '["python3", "-cprint($Who)"]',
     '["node", "-pe", "$Who"]',
     '["php", "-d", "x=1", "-r", "echo $Who;"]',
+    # ... and a third review:
+    '["su", "postgres", "-s", "/bin/sh", "-c", "pg_dump $Who"]',
+    '["su", "-", "www-data", "--", "-c", "echo $Who"]',
+    '["/usr/sbin/runuser", "-s", "/bin/sh", "-c", "echo $Who", "nobody"]',
+    '["sudo", "-s", "/bin/bash", "-c", "echo $Who"]',
+    '["sudo", "-u", "deploy", "-i", "./deploy.sh", "$Who"]',
+    '["node", "--require", "./setup.js", "-e", "console.log(\'$Who\')"]',
+    '["/opt/bin/python3.13t", "-c", "print($Who)"]',
+    '["pypy3", "-c", "print($Who)"]',
+    '["php", "--run", "echo $Who;"]',
 ])
 def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     message = refusal(tmp_path, CODE_TEMPLATE.format(argv=argv))
@@ -346,6 +356,9 @@ def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     '["node", "app.js", "-e", "$Who"]',
     '["perl", "-Mfeature=say", "script.pl", "-e", "$Who"]',
     '["python3", "-m", "http.server", "$Who"]',
+    '["python3", "-m", "gunicorn", "-c", "$Who", "--check-config", "app:app"]',  # -m ends python's options
+    '["sudo", "-u", "deploy", "./deploy.sh", "$Who"]',  # sudo without -s/-i runs no shell
+    '["sudo", "useradd", "-s", "/bin/bash", "-c", "$Who", "login"]',
 ])
 def test_exec_allows_variables_outside_code(tmp_path, argv):
     assert "t" in load(tmp_path, CODE_TEMPLATE.format(argv=argv))
