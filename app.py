@@ -91,7 +91,7 @@ class CodeOptions(NamedTuple):
     anywhere: bool = False  # options may follow operands too (su USER -c COMMAND)
 
 
-PYTHON = CodeOptions("c", value="WXm", last="m")
+PYTHON = CodeOptions("c", value="WXm", last="cm")  # what follows -c CODE or -m MODULE is their own
 NODE = CodeOptions("ep", value="r", long_code=("--eval", "--print"), code_attached=False,
                    long_value=("--require", "--import", "--loader", "--experimental-loader", "--input-type",
                                "--conditions", "--title"))
@@ -108,6 +108,10 @@ INTERPRETERS = {
     "fish": CodeOptions("cC", value="pdo", long_code=("--command", "--init-command"),
                         long_value=("--profile", "--debug", "--debug-output", "--features")),
     "su": SU, "runuser": SU,  # they run -c COMMAND with a shell
+    "flock": CodeOptions("c", value="wE", long_code=("--command",), long_value=("--timeout", "--conflict-exit-code"),
+                         anywhere=True),  # flock FILE -c COMMAND
+    "script": CodeOptions("c", value="ETIOBm", long_code=("--command",), anywhere=True),
+    "env": CodeOptions("S", value="uCP", long_code=("--split-string",), long_value=("--unset", "--chdir")),
 }
 # sudo -s/-i (--shell/--login) runs its whole command line with a shell; these of its options take a value.
 SUDO_VALUES = ("uUgpCDhrtT", ("--user", "--other-user", "--group", "--prompt", "--close-from", "--chdir",
@@ -421,10 +425,11 @@ def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
                 letter, attached = option[index], index + 1 < len(option)
                 if letter in options.code and attached and options.code_attached:
                     found.append(position)
+                    last = letter in options.last
                     break
                 if letter in options.code:
                     found.append(position + 1)  # and the cluster goes on: node -pe CODE
-                    value_follows = True
+                    value_follows, last = True, letter in options.last
                 elif letter in options.value:
                     value_follows, last = not attached, letter in options.last
                     break

@@ -336,6 +336,9 @@ CODE_TEMPLATE = '[t]\nallow_new_variables = true\n[t.variables]\nWho = ""\n[[t.s
     '["/opt/bin/python3.13t", "-c", "print($Who)"]',
     '["pypy3", "-c", "print($Who)"]',
     '["php", "--run", "echo $Who;"]',
+    '["flock", "/tmp/deploy.lock", "-c", "deploy $Who"]',
+    '["env", "-S", "sh -c \'echo $Who\'"]',
+    '["script", "-q", "-c", "echo $Who", "/dev/null"]',
 ])
 def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     message = refusal(tmp_path, CODE_TEMPLATE.format(argv=argv))
@@ -359,6 +362,7 @@ def test_exec_refuses_a_variable_in_code_it_runs(tmp_path, argv):
     '["python3", "-m", "gunicorn", "-c", "$Who", "--check-config", "app:app"]',  # -m ends python's options
     '["sudo", "-u", "deploy", "./deploy.sh", "$Who"]',  # sudo without -s/-i runs no shell
     '["sudo", "useradd", "-s", "/bin/bash", "-c", "$Who", "login"]',
+    '["python3", "-c", "import sys; print(sys.argv[1:])", "-c", "$Who"]',  # arguments of the code
 ])
 def test_exec_allows_variables_outside_code(tmp_path, argv):
     assert "t" in load(tmp_path, CODE_TEMPLATE.format(argv=argv))
