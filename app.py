@@ -123,7 +123,7 @@ MAX_VALUE_BYTES = 8 * 1024
 MAX_VARIABLES = 100
 MAX_PARAMETERS = 200  # parsed at most, so that a flood of fields costs nothing
 MAX_WAIT_SECONDS = 60.0
-MAX_LINE_BYTES = 64 * 1024  # output without a newline is cut into entries of this size
+MAX_LINE_BYTES = 64 * 1024  # a longer line of output is stored as entries of at most this much
 DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
