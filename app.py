@@ -307,7 +307,9 @@ def value_problem(value: str) -> str | None:
     return None
 
 
-def parse_variable(name: str, spec, where: str) -> Variable:
+def parse_variable(name: str, spec, where: str, stored: bool = False) -> Variable:
+    """One variable of a template; `stored` for a stored version, whose default and choices are never used
+    (its jobs' values were resolved when they were triggered), so not held to the limits of values."""
     problem = variable_name_problem(name)
     if problem:
         raise TemplateError(f"{where}: variable name {name!r} {problem}")
@@ -315,7 +317,7 @@ def parse_variable(name: str, spec, where: str) -> Variable:
         default = scalar_text(spec)
         if default is None:
             raise TemplateError(f"{where}: the default must be a string, number or boolean")
-        if problem := value_problem(default):
+        if not stored and (problem := value_problem(default)):
             raise TemplateError(f"{where}: the default {problem}")
         return Variable(name, default)
     fields = FieldReader(spec, where, VARIABLE_FIELDS)
@@ -332,7 +334,7 @@ def parse_variable(name: str, spec, where: str) -> Variable:
     if not all(isinstance(choice, str) for choice in choices):
         fields.fail("choices", "must be an array of strings")
     for field, value in [("default", default), *(("choices", choice) for choice in choices)]:
-        if problem := value_problem(value):  # what a request's value may not be either
+        if not stored and (problem := value_problem(value)):  # what a request's value may not be either
             fields.fail(field, problem)
     variable = Variable(
         name, default, pattern or None, fields.flag("required", False), tuple(choices),
@@ -492,8 +494,9 @@ def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
     )
 
 
-def parse_template(name: str, table, where: str) -> JobTemplate:
-    """Check one template's table and build it; every problem is a TemplateError naming the field."""
+def parse_template(name: str, table, where: str, stored: bool = False) -> JobTemplate:
+    """Check one template's table and build it; every problem is a TemplateError naming the field. A stored
+    version (`stored`) is checked as any other but for the limits of its default and choices values."""
     fields = FieldReader(table, where, TEMPLATE_FIELDS)
     key, key_env = fields.text("key"), fields.text("key_env")
     if key and key_env:
@@ -504,7 +507,7 @@ def parse_template(name: str, table, where: str) -> JobTemplate:
             fields.fail("key_env", f"the environment variable {key_env} is not set")
     variables: dict[str, Variable] = {}
     for variable_name, spec in fields.get("variables", dict, {}, "a table").items():
-        variable = parse_variable(variable_name, spec, f"{where}, variables.{variable_name}")
+        variable = parse_variable(variable_name, spec, f"{where}, variables.{variable_name}", stored)
         if variable_name.lower() in variables:
             raise TemplateError(f"{where}, variables.{variable_name}: declared twice (names ignore case)")
         variables[variable_name.lower()] = variable
@@ -628,7 +631,8 @@ class TemplateCatalog:
         template = self._versions.get(version)
         if template is None:
             name, definition, digest = self.store.template_version(version)
-            template = parse_template(name, json.loads(definition), f"stored template {name!r} (version {version})")
+            where = f"stored template {name!r} (version {version})"
+            template = parse_template(name, json.loads(definition), where, stored=True)
             template = dataclasses.replace(template, key_digest=digest, version=version)
             with self._lock:
                 self._versions[version] = template
@@ -1075,13 +1079,14 @@ class JobExecution:
             self._buffer(level, sanitize_line(line))
 
     def log_output(self, level: str, raw: bytes) -> None:
-        """Log one line of a process's output, masked already (see take_output), within the log budget."""
+        """Log one entry of a process's output (a line, or a piece of a long one: see take_output), masked,
+        within the log budget, which counts the output as it came."""
         if self.log_bytes + len(raw) > self.template.max_log_bytes:
             self.dropped_lines += 1
             self.dropped_bytes += len(raw)
             return
         self.log_bytes += len(raw)
-        self._buffer(level, sanitize_line(raw.decode("utf-8", "replace")))
+        self._buffer(level, sanitize_line(self.mask_output(raw).decode("utf-8", "replace")))
 
     def mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -1282,7 +1287,7 @@ class JobExecution:
                     else:
                         poller.unregister(fd)
                         if stream[1]:  # the last line, unfinished
-                            self.log_output(stream[0], self.mask_output(stream[1]))
+                            self.log_output(stream[0], stream[1])
                         del streams[fd]
                 self.flush_if_due()
             code = process_exit_code(process)
@@ -1300,14 +1305,15 @@ class JobExecution:
         level, partial = stream
         *lines, partial = (partial + chunk).split(b"\n")
         for line in lines:  # at most 2 * MAX_LINE_BYTES: the unfinished line never grows past MAX_LINE_BYTES
+            line = line.removesuffix(b"\r")  # of a CRLF: not a piece of its own once the line is cut
             while len(line) > MAX_LINE_BYTES:
                 cut = self.cut_point(line, finished=True)
-                self.log_output(level, self.mask_output(line[:cut]))
+                self.log_output(level, line[:cut])
                 line = line[cut:]
-            self.log_output(level, self.mask_output(line))
-        while len(partial) > MAX_LINE_BYTES:
+            self.log_output(level, line)
+        while len(partial.removesuffix(b"\r")) > MAX_LINE_BYTES:  # a \r may be the start of a CRLF
             cut = self.cut_point(partial, finished=False)
-            self.log_output(level, self.mask_output(partial[:cut]))
+            self.log_output(level, partial[:cut])
             partial = partial[cut:]
         stream[1] = partial
 

@@ -1586,3 +1586,38 @@ def test_review2_a_doubled_slash_is_a_404_not_a_redirect(shared, path):
     response = shared.get(path, {"template": "three"}, status=404)
     assert response.headers["Content-Type"] == TEXT and "Location" not in response.headers
     assert "/api/jobs/trigger" in response.text
+
+
+#
+# Regression tests for the fixes of a final review of the session's changes.
+#
+
+
+def test_review3_a_pending_job_of_a_stored_version_with_a_long_default_runs_after_an_upgrade(make_app, tmp_path):
+    """Defaults over 8 KiB are refused in templates.toml now; a version stored before, with its Pending jobs,
+    must still run them (its default is not used: the job's values were resolved when it was triggered)."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "jobs.db")) as db:
+        db.executescript(server_module.SCHEMA_PATH.read_text())
+        definition = {"variables": {"Blob": "x" * 9000}, "steps": [{"run": 'echo "len=${#Blob}"'}]}
+        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 'big', ?)",
+                   (json.dumps(definition),))
+        db.execute("INSERT INTO jobs (template_version, template, status, variables, created_at) "
+                   "VALUES (1, 'big', 'Pending', ?, 0)", (json.dumps({"Blob": "x" * 9000}),))
+        db.commit()
+    client = make_app('[big]\n[big.variables]\nBlob = "short"\n[[big.steps]]\nrun = \'echo "len=${#Blob}"\'\n')
+    assert final_status(client, "1") == "Succeeded"
+    assert logs_of(client, "1") == "INFO: len=9000\n"
+
+
+def test_review3_the_log_budget_counts_output_as_it_came_not_masked(make_app):
+    """Masking a 2-character secret as *** made 80 bytes of output count as 120 against a budget of 100."""
+    client = make_app("""
+        [t]
+        max_log_bytes = 100
+        [t.variables]
+        Pw = { default = "", secret = true }
+        [[t.steps]]
+        run = 'for i in 1 2 3 4; do printf "%s%s%s%s%s%s%s%s%s%s\\n" $Pw $Pw $Pw $Pw $Pw $Pw $Pw $Pw $Pw $Pw; done'
+    """)
+    token, status, logs = run_job(client, "t", Pw="ab")
+    assert (status, logs) == ("Succeeded", ("INFO: " + "***" * 10 + "\n") * 4), logs

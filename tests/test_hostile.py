@@ -671,7 +671,7 @@ def feed(execution, chunks) -> list[str]:
     for chunk in chunks:
         execution.take_output(stream, chunk)
     if stream[1]:
-        execution.log_output("INFO", execution.mask_output(stream[1]))
+        execution.log_output("INFO", stream[1])
     return [line for _, line in execution.buffer]
 
 
@@ -705,6 +705,12 @@ def test_a_short_secret_repeating_along_a_line_does_not_stop_the_cut_early(monke
     entries = feed(execution, [b"c" * 57000 + b"a" * 8537 + b"\n"])
     assert [len(entry) for entry in entries] == [57000, 8537 // 2 * 3 + 1], [len(e) for e in entries]
     assert entries[0] == "c" * 57000 and "aa" not in entries[1]
+
+
+@pytest.mark.parametrize("chunks", [[b"A" * 64 + b"\r\nend\r\n"], [b"A" * 64 + b"\r", b"\nend\r\n"]])
+def test_the_cr_of_a_crlf_after_a_full_entry_adds_no_empty_entry(monkeypatch, chunks):
+    execution = output_reader(monkeypatch, [], max_line=64)
+    assert feed(execution, chunks) == ["A" * 64, "end"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
