@@ -299,7 +299,8 @@ def scalar_text(value) -> str | None:
 
 
 def value_problem(value: str) -> str | None:
-    """Why a template's default or choice could not be a request's value, or None."""
+    """Why a value cannot be a variable's (from a request, or a default or choice in templates.toml), or None;
+    UnicodeEncodeError for text that is not UTF-8."""
     if len(value.encode()) > MAX_VALUE_BYTES:
         return f"is longer than {MAX_VALUE_BYTES // 1024} KiB"
     if "\0" in value:
@@ -307,9 +308,7 @@ def value_problem(value: str) -> str | None:
     return None
 
 
-def parse_variable(name: str, spec, where: str, stored: bool = False) -> Variable:
-    """One variable of a template; `stored` for a stored version, whose default and choices are never used
-    (its jobs' values were resolved when they were triggered), so not held to the limits of values."""
+def parse_variable(name: str, spec, where: str) -> Variable:
     problem = variable_name_problem(name)
     if problem:
         raise TemplateError(f"{where}: variable name {name!r} {problem}")
@@ -317,8 +316,6 @@ def parse_variable(name: str, spec, where: str, stored: bool = False) -> Variabl
         default = scalar_text(spec)
         if default is None:
             raise TemplateError(f"{where}: the default must be a string, number or boolean")
-        if not stored and (problem := value_problem(default)):
-            raise TemplateError(f"{where}: the default {problem}")
         return Variable(name, default)
     fields = FieldReader(spec, where, VARIABLE_FIELDS)
     default = scalar_text(spec.get("default", ""))
@@ -333,9 +330,6 @@ def parse_variable(name: str, spec, where: str, stored: bool = False) -> Variabl
     choices = fields.get("choices", list, [], "an array of strings")
     if not all(isinstance(choice, str) for choice in choices):
         fields.fail("choices", "must be an array of strings")
-    for field, value in [("default", default), *(("choices", choice) for choice in choices)]:
-        if not stored and (problem := value_problem(value)):  # what a request's value may not be either
-            fields.fail(field, problem)
     variable = Variable(
         name, default, pattern or None, fields.flag("required", False), tuple(choices),
         fields.flag("secret", False), fields.text("description", ""),
@@ -494,9 +488,8 @@ def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
     )
 
 
-def parse_template(name: str, table, where: str, stored: bool = False) -> JobTemplate:
-    """Check one template's table and build it; every problem is a TemplateError naming the field. A stored
-    version (`stored`) is checked as any other but for the limits of its default and choices values."""
+def parse_template(name: str, table, where: str) -> JobTemplate:
+    """Check one template's table and build it; every problem is a TemplateError naming the field."""
     fields = FieldReader(table, where, TEMPLATE_FIELDS)
     key, key_env = fields.text("key"), fields.text("key_env")
     if key and key_env:
@@ -507,7 +500,7 @@ def parse_template(name: str, table, where: str, stored: bool = False) -> JobTem
             fields.fail("key_env", f"the environment variable {key_env} is not set")
     variables: dict[str, Variable] = {}
     for variable_name, spec in fields.get("variables", dict, {}, "a table").items():
-        variable = parse_variable(variable_name, spec, f"{where}, variables.{variable_name}", stored)
+        variable = parse_variable(variable_name, spec, f"{where}, variables.{variable_name}")
         if variable_name.lower() in variables:
             raise TemplateError(f"{where}, variables.{variable_name}: declared twice (names ignore case)")
         variables[variable_name.lower()] = variable
@@ -553,7 +546,22 @@ def load_templates(path: str | Path) -> dict[str, JobTemplate]:
         if name.lower() in templates:
             raise TemplateError(f"{path}: template {name!r} is defined twice (names ignore case)")
         templates[name.lower()] = parse_template(name, table, f"{path}: template {name!r}")
+        check_values(table, f"{path}: template {name!r}")
     return templates
+
+
+def check_values(table, where: str) -> None:
+    """Defaults and choices in templates.toml follow the limits of a request's value (checked here, not in
+    parse_template: a stored version's are never used, its jobs' values having been resolved when triggered)."""
+    for name, spec in table.get("variables", {}).items():
+        if not isinstance(spec, dict):
+            if problem := value_problem(scalar_text(spec)):
+                raise TemplateError(f"{where}, variables.{name}: the default {problem}")
+            continue
+        for field, value in [("default", scalar_text(spec.get("default", ""))),
+                             *(("choices", choice) for choice in spec.get("choices", []))]:
+            if problem := value_problem(value):
+                raise TemplateError(f"{where}, variables.{name}, {field}: {problem}")
 
 
 def key_digest(key: str) -> str:
@@ -631,8 +639,7 @@ class TemplateCatalog:
         template = self._versions.get(version)
         if template is None:
             name, definition, digest = self.store.template_version(version)
-            where = f"stored template {name!r} (version {version})"
-            template = parse_template(name, json.loads(definition), where, stored=True)
+            template = parse_template(name, json.loads(definition), f"stored template {name!r} (version {version})")
             template = dataclasses.replace(template, key_digest=digest, version=version)
             with self._lock:
                 self._versions[version] = template
@@ -1758,13 +1765,11 @@ def parse_json_object(body: bytes) -> tuple[list[tuple[str, str]], str | None]:
 
 def check_value(name: str, value: str) -> None:
     try:
-        size = len(value.encode("utf-8"))
+        problem = value_problem(value)
     except UnicodeEncodeError:
         raise ApiError(f"Parameter {shown(name)} is not valid UTF-8 text") from None
-    if size > MAX_VALUE_BYTES:
-        raise ApiError(f"Parameter {shown(name)} is longer than {MAX_VALUE_BYTES // 1024} KiB")
-    if "\0" in value:
-        raise ApiError(f"Parameter {shown(name)} contains a NUL character")
+    if problem:
+        raise ApiError(f"Parameter {shown(name)} {problem}")
 
 
 def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> dict[str, str]:
