@@ -7,21 +7,29 @@ Shell scripts and other tools trigger the named jobs of templates.toml, poll the
     GET|POST /api/jobs/logs?token=TOKEN&key=KEY         -> one "LEVEL: message" line per log entry
 
 Extensions that Otter clients never see unless they ask: ``offset`` and ``wait`` on logs, ``wait`` on status,
-/api/jobs/cancel and /api/templates. Jobs live in SQLite (schema.sql, beside this file); a pool of worker
-threads runs them. Run ``python app.py --help`` for the options.
+/api/jobs/cancel, /api/templates, /healthz, /metrics, and a web page at / for people. Jobs live in SQLite
+(schema.sql, beside this file) or, for several instances sharing the work, in PostgreSQL
+(schema-postgresql.sql); a pool of worker threads runs them. Run ``python app.py --help`` for the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
+import resource
+import secrets as secrets_module
 import select
 import signal
 import socket
@@ -33,12 +41,13 @@ import time
 import tomllib
 import traceback
 import urllib.parse
-from collections import deque
+import uuid
+from collections import OrderedDict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
-from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException, NotFound
 
 #
 # Constants and status words.
@@ -46,8 +55,11 @@ from werkzeug.exceptions import HTTPException
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
+POSTGRES_SCHEMA_PATH = HERE / "schema-postgresql.sql"
+WEB_PATH = HERE / "web"  # the page's HTML templates and its one script and style sheet
 
 PENDING, EXECUTING, SUCCEEDED, WARNING, ERROR = "Pending", "Executing", "Succeeded", "Warning", "Error"
+STATUSES = (PENDING, EXECUTING, SUCCEEDED, WARNING, ERROR)
 FINAL_STATUSES = frozenset({SUCCEEDED, WARNING, ERROR})
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")  # in rising severity
 LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
@@ -69,17 +81,194 @@ FORBIDDEN_NAMES = frozenset(
     " gconv_path getconf_dir glibc_tunables hostaliases localdomain locpath nis_path nlspath res_options"
     " resolv_host_conf tzdir tz lang language".split()
 )
-FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_", "malloc_")
+FORBIDDEN_PREFIXES = ("ld_", "dyld_", "bash_", "python", "perl", "ruby", "node_", "git_", "ssh_", "lc_",
+                      "malloc_")
 FORBIDDEN_SUFFIXES = ("_proxy",)
 
-# Programs that run an argument as code. An exec step may not put a variable into that argument, since a
-# request's value would become code: a run step passes values to its script as environment variables.
+MAX_VALUE_BYTES = 8 * 1024
+MAX_VARIABLES = 100
+MAX_PARAMETERS = 200  # parsed at most, so that a flood of fields costs nothing
+MAX_WAIT_SECONDS = 60.0
+MAX_LINE_BYTES = 64 * 1024  # a longer line of output is stored as entries of at most this much
+DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
+
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+LEFTOVER_GRACE = 1.0  # seconds a step's leftover processes may hold its output open after it exited
+LOG_FLUSH_SECONDS = 0.05  # a running job's output reaches the database at least this often
+LOG_FLUSH_ENTRIES = 5000
+MAX_UNSTORED_ENTRIES = 100_000  # a job's log kept in memory while the store is away; past it the job stops
+POLL_SECONDS = 0.1  # how often a running step looks at its deadline and at stop requests
+RECHECK_SECONDS = 0.5  # how often an instance re-reads what notifications may have missed
+# Characters that some reader of a log could take for a line break, and NUL: never stored as they are.
+UNSAFE_CHARACTERS = re.compile("[\x00\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+#
+# Settings: every default, in one place, for create_app, the runner and the command line alike.
+#
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How one server instance runs. create_app takes these as upper-case config keys (DATABASE=...)."""
+
+    database: str = str(HERE / "jobs.db")  # a SQLite path, or a postgresql:// URL
+    templates: str = str(HERE / "templates.toml")
+    workers: int = 4  # jobs run at once by this instance
+    max_body: int = 1024 * 1024  # bytes
+    max_pending: int = 10000  # Pending jobs before triggers get 503
+    keep_days: float = 30.0  # finished jobs and their logs are deleted after this
+    grace: float = 30.0  # seconds running jobs get to finish at shutdown
+    cancel_grace: float = 5.0  # seconds between SIGTERM and SIGKILL when a job is canceled
+    busy_timeout: float = 5.0  # seconds a write waits for a lock before it fails (503)
+    lease: float = 20.0  # seconds an instance's lease lasts; it renews it every quarter of that
+    http_threads: int = 16  # threads for ordinary requests
+    max_followers: int = 1000  # requests held by `wait` at once, each on a thread of its own
+    max_connections: int = 4000  # open HTTP connections
+    idle_timeout: float = 10.0  # seconds before a silent connection (idle, or half a request) is closed
+    db_connections: int = 10  # PostgreSQL connections in the pool of one instance
+    allowed_hosts: tuple[str, ...] = ()  # Host names admitted beyond IP literals and localhost
+    allow_origins: tuple[str, ...] = ()  # other origins whose pages may post here
+    public_names: tuple[str, ...] = ()  # this machine's names, admitted when listening beyond loopback
+    key_failures: int = 20  # failed key checks a client address may make in a minute
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> Settings:
+        fields = {field.name for field in dataclasses.fields(cls)}
+        values = {name.lower(): value for name, value in (config or {}).items() if name.lower() in fields}
+        for name in ("allowed_hosts", "allow_origins", "public_names"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+DEFAULTS = Settings()
+
+
+#
+# Errors.
+#
+
+
+class ApiError(Exception):
+    """A request that cannot be served: an HTTP status and a short plain-text reason."""
+
+    def __init__(self, message: str, status: int = 400, headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.status, self.headers = message, status, headers or {}
+
+
+class Refused(Exception):
+    """Something the job layers refuse to do; the web layer gives each kind its HTTP status."""
+
+    def __init__(self, message: str, retry_after: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.message, self.retry_after, self.field = message, retry_after, field  # field: the variable named
+
+
+class BadValue(Refused):
+    """A request's parameters or variables break a rule (400)."""
+
+
+class KeyRefused(Refused):
+    """A template's key is missing or wrong (403)."""
+
+
+class NotAccepting(Refused):
+    """No new jobs for now: shutting down, or the queue is full (503)."""
+
+
+class TemplateError(Exception):
+    """A templates.toml that cannot be served, naming the file, the template and the field."""
+
+
+class StoreError(Exception):
+    """The job store could not be read or written (a lock, a full disk, a lost database connection)."""
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A request-supplied name, quoted, shortened and reduced to ASCII, fit to put in an error message."""
+    return ascii(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+#
+# Operator events: one line on stderr per thing that happened, as text or JSON.
+#
+
+LOG = logging.getLogger("jobserver")
+
+
+def event(level: int, name: str, message: str, **fields) -> None:
+    """Log one event. Fields are names, tokens, counts and reasons: never a key, a secret or a variable's
+    value (variable names may appear)."""
+    if LOG.isEnabledFor(level):
+        LOG.log(level, message, extra={"event": name, "fields": fields})
+
+
+class TextFormatter(logging.Formatter):
+    """2026-12-01 17:36:57 INFO job finished: token=12 template=hdars status=Succeeded duration=0.4"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        fields = " ".join(f"{name}={text_field(value)}" for name, value in getattr(record, "fields", {}).items()
+                          if value is not None)
+        return f"{stamp} {record.levelname} {record.getMessage()}{': ' + fields if fields else ''}"
+
+
+def text_field(value) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with stable field names: time, level, event, message, then the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname.lower(), "event": getattr(record, "event", "log"),
+                "message": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        return json.dumps(line, default=str)
+
+
+class DeferredQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writing thread as they are: formatting and the write to stderr happen there,
+    not in the request or job thread that logged."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def configure_logging(level: str = "info", form: str = "text") -> logging.handlers.QueueListener:
+    """Send the server's events to stderr through a queue and a thread of their own; returns the listener
+    (stop it to write what is queued)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if form == "json" else TextFormatter())
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    for old in list(LOG.handlers):
+        LOG.removeHandler(old)
+    LOG.addHandler(DeferredQueueHandler(records))
+    LOG.setLevel({"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}[level])
+    LOG.propagate = False
+    listener.start()
+    return listener
+
+#
+# Exec-step check: which arguments of a command are code that a program runs.
+#
+# An exec step may not put a variable into such an argument, since a request's value would become code: a run
+# step passes values to its script as environment variables instead.
+#
+
 # A POSIX shell runs its first operand when one of its option clusters has c (-c, -ec); o and O take a value.
 SHELLS = frozenset("sh bash dash zsh ksh mksh ash yash".split())
 
 
 class CodeOptions(NamedTuple):
-    """How a program's options take code, by the letters of its short options and the names of its long ones."""
+    """How a program's options take code, by the letters of its short options and the names of its long
+    ones."""
     code: str  # code follows: attached (-e'...') where code_attached, else as the next word
     value: str = ""  # another value follows, attached or as the next word
     attached: str = ""  # an optional value follows, attached only (perl -i.bak)
@@ -108,7 +297,8 @@ INTERPRETERS = {
     "fish": CodeOptions("cC", value="pdo", long_code=("--command", "--init-command"),
                         long_value=("--profile", "--debug", "--debug-output", "--features")),
     "su": SU, "runuser": SU,  # they run -c COMMAND with a shell
-    "flock": CodeOptions("c", value="wE", long_code=("--command",), long_value=("--timeout", "--conflict-exit-code"),
+    "flock": CodeOptions("c", value="wE", long_code=("--command",),
+                         long_value=("--timeout", "--conflict-exit-code"),
                          anywhere=True),  # flock FILE -c COMMAND
     "script": CodeOptions("c", value="ETIOBm", long_code=("--command",), anywhere=True),
     "env": CodeOptions("S", value="uCP", long_code=("--split-string",), long_value=("--unset", "--chdir")),
@@ -119,232 +309,11 @@ SUDO_VALUES = ("uUgpCDhrtT", ("--user", "--other-user", "--group", "--prompt", "
 # Account tools whose -s/--shell names a login shell to record, not a command to run.
 SHELL_SETTERS = frozenset("useradd usermod adduser chsh".split())
 
-MAX_VALUE_BYTES = 8 * 1024
-MAX_VARIABLES = 100
-MAX_PARAMETERS = 200  # parsed at most, so that a flood of fields costs nothing
-MAX_WAIT_SECONDS = 60.0
-MAX_LINE_BYTES = 64 * 1024  # a longer line of output is stored as entries of at most this much
-DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
-
-BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
-LEFTOVER_GRACE = 1.0  # seconds a step's leftover processes may hold its output open after it exited
-CANCEL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job is canceled
-LOG_FLUSH_SECONDS = 0.05  # a running job's output reaches the database at least this often
-LOG_FLUSH_ENTRIES = 5000
-POLL_SECONDS = 0.1  # how often a running step looks at its deadline and at stop requests
-# Characters that some reader of a log could take for a line break, and NUL: never stored as they are.
-UNSAFE_CHARACTERS = re.compile("[\x00\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
-
-#
-# Errors.
-#
-
-
-class ApiError(Exception):
-    """A request that cannot be served: an HTTP status and a short plain-text reason."""
-
-    def __init__(self, message: str, status: int = 400, headers: dict | None = None):
-        super().__init__(message)
-        self.message, self.status, self.headers = message, status, headers or {}
-
-
-class TemplateError(Exception):
-    """A templates.toml that cannot be served, naming the file, the template and the field."""
-
-
-def log_line(message: str) -> None:
-    """The server's own log: one line on stderr. Request values and keys never go here."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def shown(text: str, limit: int = 40) -> str:
-    """A request-supplied name, quoted, shortened and reduced to ASCII, fit to put in an error message."""
-    return ascii(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-#
-# Job templates.
-#
-
-TEMPLATE_FIELDS = frozenset(
-    "description key key_env api allow_new_variables timeout max_concurrent max_log_bytes variables steps".split()
-)
-STEP_FIELDS = frozenset(
-    "log run exec name level timeout continue_on_error cwd env stdout_level stderr_level".split()
-)
-VARIABLE_FIELDS = frozenset("default pattern required choices secret description".split())
-
-
-@dataclasses.dataclass(frozen=True)
-class Variable:
-    """A variable a template declares: its default and the rules a request's value must follow."""
-
-    name: str
-    default: str = ""
-    pattern: re.Pattern | None = None
-    required: bool = False
-    choices: tuple[str, ...] = ()
-    secret: bool = False
-    description: str = ""
-
-    def check(self, value: str) -> None:
-        """Refuse a request's value (empty included) that breaks the rules; `required` is checked later."""
-        if self.choices and value not in self.choices:
-            allowed = "the allowed choices" if self.secret else ", ".join(self.choices)
-            raise ApiError(f"Variable {self.name}: the value must be one of {allowed}")
-        if self.pattern is not None and not self.pattern.fullmatch(value):
-            raise ApiError(f"Variable {self.name}: the value does not match the pattern {self.pattern.pattern}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step of a template: a log entry, a /bin/sh script, or a program run without a shell."""
-
-    kind: str  # "log", "run" or "exec"
-    command: str | tuple[str, ...]
-    name: str = ""
-    level: str = "INFO"
-    timeout: float | None = None
-    continue_on_error: bool = False
-    cwd: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    stdout_level: str = "INFO"
-    stderr_level: str = "WARN"
-
-
-@dataclasses.dataclass(frozen=True)
-class JobTemplate:
-    """A named job definition from templates.toml, as one version of it."""
-
-    name: str
-    description: str
-    key_digest: str  # SHA-256 of the API key, "" when the template has none
-    api: bool
-    allow_new_variables: bool
-    timeout: float | None
-    max_concurrent: int | None
-    max_log_bytes: int
-    variables: dict[str, Variable]  # by lower-case name
-    steps: tuple[Step, ...]
-    definition: str  # the TOML table as canonical JSON, without the key: what the store keeps
-    version: int = 0  # the store's id for this definition
-
-    @property
-    def secret_names(self) -> list[str]:
-        return [v.name for v in self.variables.values() if v.secret]
-
-
-class FieldReader:
-    """Reads typed fields out of one TOML table, naming the place in every error."""
-
-    def __init__(self, table, where: str, allowed: frozenset):
-        if not isinstance(table, dict):
-            raise TemplateError(f"{where}: must be a table")
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            raise TemplateError(f"{where}: unknown field {unknown[0]!r}")
-        self.table, self.where = table, where
-
-    def fail(self, field: str, reason: str):
-        raise TemplateError(f"{self.where}, {field}: {reason}")
-
-    def get(self, field: str, kinds, default=None, what: str = ""):
-        if field not in self.table:
-            return default
-        value, kinds = self.table[field], kinds if isinstance(kinds, tuple) else (kinds,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # TOML true is an int
-            self.fail(field, f"must be {what}")
-        return value
-
-    def text(self, field: str, default=None) -> str | None:
-        return self.get(field, str, default, "a string")
-
-    def flag(self, field: str, default: bool) -> bool:
-        return self.get(field, bool, default, "true or false")
-
-    def level(self, field: str, default: str) -> str:
-        value = self.text(field, default).upper()
-        if value not in LEVELS:
-            self.fail(field, f"must be one of {', '.join(LEVELS)}")
-        return value
-
-    def positive(self, field: str, kinds=(int, float)):
-        value = self.get(field, kinds, None, "a positive number")
-        if value is not None and not 0 < value < float("inf"):  # also refuses nan
-            self.fail(field, "must be a positive number")
-        return value
-
-
-def variable_name_problem(name: str) -> str | None:
-    """Why a name cannot be a variable's, or None when it can."""
-    if not NAME_PATTERN.fullmatch(name):
-        return "is not a valid name (letters, digits and _, not starting with a digit, at most 50 characters)"
-    lowered = name.lower()
-    if lowered in API_PARAMETERS:
-        return "is reserved for the API's own parameter"
-    if lowered in (b.lower() for b in BUILTIN_VARIABLES):
-        return "is a built-in variable"
-    if lowered in FORBIDDEN_NAMES or lowered.startswith(FORBIDDEN_PREFIXES) or lowered.endswith(FORBIDDEN_SUFFIXES):
-        return "is reserved: it would change how programs run"
-    return None
-
-
-def scalar_text(value) -> str | None:
-    """A TOML scalar as the text a variable holds (true -> "true"), or None for tables, arrays and dates."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    return None
-
-
-def value_problem(value: str) -> str | None:
-    """Why a value cannot be a variable's (from a request, or a default or choice in templates.toml), or None;
-    UnicodeEncodeError for text that is not UTF-8."""
-    if len(value.encode()) > MAX_VALUE_BYTES:
-        return f"is longer than {MAX_VALUE_BYTES // 1024} KiB"
-    if "\0" in value:
-        return "contains a NUL character"
-    return None
-
-
-def parse_variable(name: str, spec, where: str) -> Variable:
-    problem = variable_name_problem(name)
-    if problem:
-        raise TemplateError(f"{where}: variable name {name!r} {problem}")
-    if not isinstance(spec, dict):
-        default = scalar_text(spec)
-        if default is None:
-            raise TemplateError(f"{where}: the default must be a string, number or boolean")
-        return Variable(name, default)
-    fields = FieldReader(spec, where, VARIABLE_FIELDS)
-    default = scalar_text(spec.get("default", ""))
-    if default is None:
-        fields.fail("default", "must be a string, number or boolean")
-    pattern = fields.text("pattern")
-    if pattern:
-        try:
-            pattern = re.compile(pattern)
-        except re.error as error:
-            fields.fail("pattern", f"is not a valid regular expression: {error}")
-    choices = fields.get("choices", list, [], "an array of strings")
-    if not all(isinstance(choice, str) for choice in choices):
-        fields.fail("choices", "must be an array of strings")
-    variable = Variable(
-        name, default, pattern or None, fields.flag("required", False), tuple(choices),
-        fields.flag("secret", False), fields.text("description", ""),
-    )
-    try:
-        if default:  # an empty default means "no value": the request must then give one that follows the rules
-            variable.check(default)
-    except ApiError as error:
-        fields.fail("default", f"does not follow its own rules ({error.message})")
-    return variable
-
 
 def code_arguments(argv: tuple[str, ...]) -> list[tuple[str, int]]:
     """(program, position) of each argument that a command runs as code: a shell's -c script, python's -c,
-    perl's -e, su's -c and the like (SHELLS, INTERPRETERS, sudo -s), also behind a wrapper (env, timeout...)."""
+    perl's -e, su's -c and the like (SHELLS, INTERPRETERS, sudo -s), also behind a wrapper (env, timeout,
+    ...)."""
     found = []
     for i, word in enumerate(argv):
         program = re.sub(r"[0-9.]+t?$", "", os.path.basename(word))  # python3.13t, perl5.36 -> python, perl
@@ -405,7 +374,8 @@ def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
     """The positions of the code arguments of a program (INTERPRETERS) whose options start at argv[first]."""
     found = []
     position = first
-    while position < len(argv) and (argv[position] != "--" or options.anywhere):  # su passes -c on to the shell
+    # su passes what follows -- on to the shell, where -c still counts.
+    while position < len(argv) and (argv[position] != "--" or options.anywhere):
         option, value_follows, last = argv[position], False, False
         if not option.startswith("-") or option == "-":  # an operand: the script, or su's user name
             if not options.anywhere:
@@ -441,6 +411,203 @@ def interpreter_code(argv, first: int, options: CodeOptions) -> list[int]:
     return [place for place in found if place < len(argv)]
 
 
+
+
+def code_reference_problem(command: tuple[str, ...]) -> str | None:
+    """Why an exec step's command is refused (a variable other than a built-in inside the code a program
+    runs), or None."""
+    for program, position in code_arguments(command):
+        for match in REFERENCE_PATTERN.finditer(command[position]):
+            referenced = match.group(1) or match.group(2)
+            if referenced and referenced.lower() not in BUILTIN_NAMES:
+                return (f"puts ${referenced} into the code that {program!r} runs (argument {position}), "
+                        "where a request's value would become code: use a run step, which passes variables as "
+                        "environment variables, or pass the value as an argument of its own")
+    return None
+
+
+#
+# Job templates.
+#
+
+TEMPLATE_FIELDS = frozenset(
+    "description key key_env api allow_new_variables timeout max_concurrent max_log_bytes variables steps".split()
+)
+STEP_FIELDS = frozenset(
+    "log run exec name level timeout continue_on_error cwd env stdout_level stderr_level".split()
+)
+VARIABLE_FIELDS = frozenset("default pattern required choices secret description".split())
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """A variable a template declares: its default and the rules a request's value must follow."""
+
+    name: str
+    default: str = ""
+    pattern: re.Pattern | None = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+    description: str = ""
+
+    def problem(self, value: str) -> str | None:
+        """Why a request's value (empty included) breaks the rules, or None; `required` is checked apart."""
+        if self.choices and value not in self.choices:
+            allowed = "the allowed choices" if self.secret else ", ".join(self.choices)
+            return f"Variable {self.name}: the value must be one of {allowed}"
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            return f"Variable {self.name}: the value does not match the pattern {self.pattern.pattern}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a template: a log entry, a /bin/sh script, or a program run without a shell."""
+
+    kind: str  # "log", "run" or "exec"
+    command: str | tuple[str, ...]
+    name: str = ""
+    level: str = "INFO"
+    timeout: float | None = None
+    continue_on_error: bool = False
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    stdout_level: str = "INFO"
+    stderr_level: str = "WARN"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTemplate:
+    """A named job definition from templates.toml, as one version of it."""
+
+    name: str
+    description: str
+    key_digest: str  # SHA-256 of the API key, "" when the template has none
+    api: bool
+    allow_new_variables: bool
+    timeout: float | None
+    max_concurrent: int | None
+    max_log_bytes: int
+    variables: dict[str, Variable]  # by lower-case name
+    steps: tuple[Step, ...]
+    definition: str  # the TOML table as canonical JSON, without the key: what the store keeps
+    version: int = 0  # the store's id for this definition
+
+    @property
+    def secret_names(self) -> frozenset[str]:
+        """The variables whose values are masked in logs and never kept once the job is final: decided here
+        alone, when a job is triggered (the store keeps them apart from the other values)."""
+        return frozenset(v.name for v in self.variables.values() if v.secret)
+
+
+class FieldReader:
+    """Reads typed fields out of one TOML table, naming the place in every error."""
+
+    def __init__(self, table, where: str, allowed: frozenset):
+        if not isinstance(table, dict):
+            raise TemplateError(f"{where}: must be a table")
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise TemplateError(f"{where}: unknown field {unknown[0]!r}")
+        self.table, self.where = table, where
+
+    def fail(self, field: str, reason: str):
+        raise TemplateError(f"{self.where}, {field}: {reason}")
+
+    def get(self, field: str, kinds, default=None, what: str = ""):
+        if field not in self.table:
+            return default
+        value, kinds = self.table[field], kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # TOML true is an int
+            self.fail(field, f"must be {what}")
+        return value
+
+    def text(self, field: str, default=None) -> str | None:
+        return self.get(field, str, default, "a string")
+
+    def flag(self, field: str, default: bool) -> bool:
+        return self.get(field, bool, default, "true or false")
+
+    def level(self, field: str, default: str) -> str:
+        value = self.text(field, default).upper()
+        if value not in LEVELS:
+            self.fail(field, f"must be one of {', '.join(LEVELS)}")
+        return value
+
+    def positive(self, field: str, kinds=(int, float)):
+        value = self.get(field, kinds, None, "a positive number")
+        if value is not None and not 0 < value < float("inf"):  # also refuses nan
+            self.fail(field, "must be a positive number")
+        return value
+
+
+def variable_name_problem(name: str) -> str | None:
+    """Why a name cannot be a variable's, or None when it can."""
+    if not NAME_PATTERN.fullmatch(name):
+        return "is not a valid name (letters, digits and _, not starting with a digit, at most 50 characters)"
+    lowered = name.lower()
+    if lowered in API_PARAMETERS:
+        return "is reserved for the API's own parameter"
+    if lowered in BUILTIN_NAMES:
+        return "is a built-in variable"
+    if lowered in FORBIDDEN_NAMES or lowered.startswith(FORBIDDEN_PREFIXES) \
+            or lowered.endswith(FORBIDDEN_SUFFIXES):
+        return "is reserved: it would change how programs run"
+    return None
+
+
+def scalar_text(value) -> str | None:
+    """A TOML scalar as the text a variable holds (true -> "true"), or None for tables, arrays and dates."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return None
+
+
+def value_problem(value: str) -> str | None:
+    """Why a value cannot be a variable's (from a request, or a default or choice in templates.toml), or None;
+    UnicodeEncodeError for text that is not UTF-8."""
+    if len(value.encode()) > MAX_VALUE_BYTES:
+        return f"is longer than {MAX_VALUE_BYTES // 1024} KiB"
+    if "\0" in value:
+        return "contains a NUL character"
+    return None
+
+
+def parse_variable(name: str, spec, where: str) -> Variable:
+    problem = variable_name_problem(name)
+    if problem:
+        raise TemplateError(f"{where}: variable name {name!r} {problem}")
+    if not isinstance(spec, dict):
+        default = scalar_text(spec)
+        if default is None:
+            raise TemplateError(f"{where}: the default must be a string, number or boolean")
+        return Variable(name, default)
+    fields = FieldReader(spec, where, VARIABLE_FIELDS)
+    default = scalar_text(spec.get("default", ""))
+    if default is None:
+        fields.fail("default", "must be a string, number or boolean")
+    pattern = fields.text("pattern")
+    if pattern:
+        try:
+            pattern = re.compile(pattern)
+        except re.error as error:
+            fields.fail("pattern", f"is not a valid regular expression: {error}")
+    choices = fields.get("choices", list, [], "an array of strings")
+    if not all(isinstance(choice, str) for choice in choices):
+        fields.fail("choices", "must be an array of strings")
+    variable = Variable(
+        name, default, pattern or None, fields.flag("required", False), tuple(choices),
+        fields.flag("secret", False), fields.text("description", ""),
+    )
+    # An empty default means "no value": the request must then give one that follows the rules.
+    if default and (problem := variable.problem(default)):
+        fields.fail("default", f"does not follow its own rules ({problem})")
+    return variable
+
+
 def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
     """One [[name.steps]] table; known_names is None when the template allows undeclared variables."""
     fields = FieldReader(spec, where, STEP_FIELDS)
@@ -462,13 +629,8 @@ def parse_step(spec, where: str, known_names: set[str] | None) -> Step:
             referenced = match.group(1) or match.group(2)
             if referenced and known_names is not None and referenced.lower() not in known_names:
                 fields.fail(kind, f"refers to ${referenced}, which is neither declared nor built in")
-    for program, position in code_arguments(command) if kind == "exec" else ():
-        for match in REFERENCE_PATTERN.finditer(command[position]):
-            referenced = match.group(1) or match.group(2)
-            if referenced and referenced.lower() not in BUILTIN_NAMES:
-                fields.fail("exec", f"puts ${referenced} into the code that {program!r} runs (argument {position}), "
-                                    "where a request's value would become code: use a run step, which passes "
-                                    "variables as environment variables, or pass the value as an argument of its own")
+    if kind == "exec" and (problem := code_reference_problem(command)):
+        fields.fail("exec", problem)
     env = fields.get("env", dict, {}, "a table of strings")
     for env_name, env_value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name) or scalar_text(env_value) is None:
@@ -505,7 +667,7 @@ def parse_template(name: str, table, where: str) -> JobTemplate:
             raise TemplateError(f"{where}, variables.{variable_name}: declared twice (names ignore case)")
         variables[variable_name.lower()] = variable
     allow_new = fields.flag("allow_new_variables", False)
-    known = None if allow_new else set(variables) | {b.lower() for b in BUILTIN_VARIABLES}
+    known = None if allow_new else set(variables) | BUILTIN_NAMES
     step_specs = fields.get("steps", list, [], "an array of tables ([[name.steps]])")
     steps = tuple(parse_step(spec, f"{where}, steps[{i}]", known) for i, spec in enumerate(step_specs))
     max_log_bytes = fields.positive("max_log_bytes", int) or DEFAULT_MAX_LOG_BYTES
@@ -568,10 +730,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def check_key(given: str | None, digest: str) -> None:
-    """Refuse (403) a request whose key does not open a template with this key digest; constant time."""
+def key_problem(given: str | None, digest: str) -> str | None:
+    """Why a key does not open a template (or job) with this key digest, or None; compared in constant time."""
     if digest and not (hmac.compare_digest(key_digest(given or ""), digest) and given):
-        raise ApiError("Invalid API key" if given else "Missing API key", 403)
+        return "Invalid API key" if given else "Missing API key"
+    return None
 
 
 def substitute(text: str, values: dict[str, str]) -> str:
@@ -605,6 +768,31 @@ def template_summary(template: JobTemplate) -> dict:
     }
 
 
+def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> dict[str, str]:
+    """The job's variables: the template's defaults overridden by the request, every rule checked (BadValue
+    names the variable and the rule, never the value)."""
+    if len(given) > MAX_VARIABLES:
+        raise BadValue(f"Too many variables: at most {MAX_VARIABLES}")
+    values = {v.name: v.default for v in template.variables.values()}
+    for raw_name, value in given:
+        name = raw_name.removeprefix("$")
+        if problem := variable_name_problem(name):
+            raise BadValue(f"Variable {shown(name)} {problem}", field=name)
+        declared = template.variables.get(name.lower())
+        if declared is None:
+            if not template.allow_new_variables:
+                raise BadValue(f"Variable {name} is not declared by template {template.name}", field=name)
+            values[name] = value
+        elif problem := declared.problem(value):
+            raise BadValue(problem, field=declared.name)
+        else:
+            values[declared.name] = value
+    for variable in template.variables.values():
+        if variable.required and not values[variable.name]:
+            raise BadValue(f"Variable {variable.name} is required", field=variable.name)
+    return values
+
+
 class TemplateCatalog:
     """The templates in force (reloadable) and every version a job was triggered with."""
 
@@ -616,17 +804,22 @@ class TemplateCatalog:
         self._stamp = None
         self.reload()
 
-    def reload(self) -> None:
-        """Load the file again; on any problem raise TemplateError and keep the templates in force."""
+    def reload(self) -> dict[str, list[str]]:
+        """Load the file again; on any problem raise TemplateError (or StoreError) and keep the templates in
+        force. Returns the names added, changed and removed."""
         stamp = self._file_stamp()
         templates = load_templates(self.path)
         for name, template in templates.items():
             version = self.store.save_template_version(template.name, template.definition, template.key_digest)
             templates[name] = dataclasses.replace(template, version=version)
         with self._lock:
+            before = {t.name: t.version for t in self._current.values()}
             self._current = templates
             self._versions.update((t.version, t) for t in templates.values())
             self._stamp = stamp
+        after = {t.name: t.version for t in templates.values()}
+        return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                "changed": sorted(name for name in set(before) & set(after) if before[name] != after[name])}
 
     def get(self, name: str) -> JobTemplate | None:
         return self._current.get(name.lower())
@@ -634,12 +827,18 @@ class TemplateCatalog:
     def api_templates(self) -> list[JobTemplate]:
         return [t for t in self._current.values() if t.api]
 
+    def names(self) -> frozenset[str]:
+        """The names of the templates in force (metrics name no others)."""
+        return frozenset(t.name for t in self._current.values())
+
     def version(self, version: int) -> JobTemplate:
-        """The template a job was triggered with, from memory or else from the store."""
+        """The template a job was triggered with, from memory or else from the store (a job triggered on
+        another instance, or before a restart); TemplateError when it no longer loads."""
         template = self._versions.get(version)
         if template is None:
             name, definition, digest = self.store.template_version(version)
-            template = parse_template(name, json.loads(definition), f"stored template {name!r} (version {version})")
+            where = f"stored template {name!r} (version {version})"
+            template = parse_template(name, json.loads(definition), where)
             template = dataclasses.replace(template, key_digest=digest, version=version)
             with self._lock:
                 self._versions[version] = template
@@ -653,398 +852,24 @@ class TemplateCatalog:
             return None
 
     def reload_if_changed(self, force: bool = False) -> bool:
-        """Reload when the file changed since the last load (or when forced, on SIGHUP), logging one line
+        """Reload when the file changed since the last load (or when forced, on SIGHUP), logging one event
         either way; returns whether the new templates are in force."""
         if not force and self._file_stamp() == self._stamp:
             return False
         try:
-            self.reload()
-        except (TemplateError, sqlite3.Error) as error:
+            changes = self.reload()
+        except (TemplateError, StoreError) as error:
             self._stamp = self._file_stamp()  # report a bad file once, not every second
-            log_line(f"templates not reloaded, the previous ones stay in force: {error}")
+            event(logging.WARNING, "templates.refused", "templates not reloaded, the previous ones stay in force",
+                  path=str(self.path), reason=str(error))
             return False
-        log_line(f"templates reloaded from {self.path}: {', '.join(t.name for t in self._current.values())}")
+        event(logging.INFO, "templates.reloaded", "templates reloaded", path=str(self.path),
+              **{what: ",".join(names) for what, names in changes.items() if names},
+              templates=len(self._current))
         return True
 
-
 #
-# SQLite store.
-#
-
-
-@dataclasses.dataclass(frozen=True)
-class JobRecord:
-    id: int
-    template: str
-    template_version: int
-    status: str
-    key_digest: str
-    log_count: int  # entries logged so far, read in the same statement as the status
-
-
-class PendingWrite:
-    """One write queued for the next transaction, and then its outcome."""
-
-    __slots__ = ("operation", "after_commit", "wake", "your_turn", "result", "error")
-
-    def __init__(self, operation, after_commit=None, wait: bool = True):
-        self.operation, self.after_commit = operation, after_commit
-        self.wake = threading.Lock() if wait else None  # held until it is done, or its thread's turn to commit
-        if self.wake:
-            self.wake.acquire()
-        self.your_turn = False
-        self.result = self.error = None
-
-
-class JobStore:
-    """Every SQL statement of the program.
-
-    Writes are group-committed on one connection by one thread at a time, the committer, without a thread of
-    its own. A thread queues its write; when no commit is under way it becomes the committer and commits in one
-    transaction every write queued by then, else it sleeps on a lock of its write's own until a committer has
-    committed it. A committer whose own write is done wakes the writers of its batch, one each, and passes the
-    turn to the oldest writer still queued. So a lone write costs no thread hand-off, and under load each
-    waiting writer is woken once (a shared condition woke them all, each to wait again: measured, 31.7
-    context switches per trigger request under load before, 26.4 after). Each thread reads on a connection
-    of its own (WAL: reads never wait for writes)."""
-
-    MAX_BATCH = 500
-
-    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
-        self.path, self.busy_timeout = str(path), busy_timeout
-        self._local = threading.local()
-        self._writer = self._connect(writer=True)
-        try:
-            self._writer.executescript(SCHEMA_PATH.read_text())
-        except BaseException:
-            self._writer.close()
-            raise
-        self._queue: deque[PendingWrite] = deque()
-        self._mutex = threading.Lock()  # guards the queue and the two flags, never held during a commit
-        self._idle = threading.Condition(self._mutex)  # notified when a turn ends
-        self._committing = False
-        self._closed = False
-
-    def _connect(self, writer: bool = False) -> sqlite3.Connection:
-        connection = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        if writer:  # on a new file this must come first: switching to WAL writes the header
-            connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a crash of this process
-        return connection
-
-    def _reader(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._connect()
-        if connection.in_transaction:  # a log stream that was never closed
-            connection.execute("ROLLBACK")
-        return connection
-
-    def _write(self, operation, after_commit=None):
-        """Run operation(connection) in a transaction and return its result once committed;
-        after_commit(result) runs right after the commit, in commit order."""
-        write = PendingWrite(operation, after_commit)
-        if not self._queue_write(write):
-            self._commit_turn(write)
-        else:
-            write.wake.acquire()  # until a committer has committed it, or passes this thread the turn
-            if write.your_turn:
-                self._commit_turn(write)
-        if write.error is not None:
-            raise write.error
-        return write.result
-
-    def _write_later(self, operation) -> None:
-        """Queue a write without waiting for it: the committer under way, or this thread, commits it (a
-        failure is not reported)."""
-        write = PendingWrite(operation, wait=False)
-        try:
-            if not self._queue_write(write):
-                self._commit_turn(write)
-        except sqlite3.OperationalError:
-            pass
-
-    def _queue_write(self, write: PendingWrite) -> bool:
-        """Queue a write; whether a commit is under way (else this thread has the turn now)."""
-        with self._mutex:
-            if self._closed:
-                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
-            self._queue.append(write)
-            if self._committing:
-                return True
-            self._committing = True
-            return False
-
-    def _commit_turn(self, own: PendingWrite) -> None:
-        """Holding the turn: commit batches of queued writes until `own` is committed, waking the writers of
-        each batch, then pass the turn on (see _pass_turn)."""
-        own_done = False
-        while True:
-            with self._mutex:
-                if own_done and self._pass_turn():
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
-            try:
-                self._commit_batch(batch)
-            except BaseException:  # a KeyboardInterrupt in the main thread: the batch failed, the turn goes on
-                self._wake_writers(batch, own)
-                with self._mutex:
-                    if own in self._queue:  # not reached yet: it goes with this thread
-                        self._queue.remove(own)
-                    if not self._pass_turn():  # writes nobody waits for are left: the next writer commits them
-                        self._end_turn()
-                raise
-            own_done = self._wake_writers(batch, own) or own_done
-
-    def _pass_turn(self) -> bool:
-        """Call holding the mutex, once the turn holder's own write is done: pass the turn to the oldest writer
-        still queued, or end it when nothing is queued. False when only writes nobody waits for are left."""
-        successor = next((write for write in self._queue if write.wake is not None), None)
-        if successor is not None:
-            successor.your_turn = True
-            successor.wake.release()
-            return True
-        if not self._queue:
-            self._end_turn()
-            return True
-        return False
-
-    def _end_turn(self) -> None:
-        self._committing = False
-        self._idle.notify_all()
-
-    @staticmethod
-    def _wake_writers(batch: list[PendingWrite], own: PendingWrite) -> bool:
-        """Wake the writers of a committed (or failed) batch but the turn holder; whether its own was in it."""
-        for write in batch:
-            if write is not own and write.wake is not None:
-                write.wake.release()
-        return own in batch
-
-    def _commit_batch(self, batch: list[PendingWrite]) -> None:
-        error = self._commit(batch)
-        if error is not None and len(batch) > 1 and not isinstance(error, sqlite3.OperationalError):
-            for write in batch:  # one bad write must not fail the others: each again, alone
-                write.error = None
-                self._commit([write])
-
-    def _commit(self, batch: list[PendingWrite]) -> Exception | None:
-        """Run a batch of writes in one transaction; the error that failed them all, if any.
-        (An OperationalError, such as a full disk or a lock held by another program, fails every write alike;
-        any other error belongs to one write, and the caller retries the others.)"""
-        connection = self._writer
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                write.result = write.operation(connection)
-            connection.execute("COMMIT")
-        except BaseException as error:  # sqlite3.Error above all; anything else is a bug, reported the same way
-            if connection.in_transaction:
-                try:
-                    connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            failure = error if isinstance(error, Exception) else sqlite3.OperationalError("the write was interrupted")
-            for write in batch:
-                write.error = failure
-            if failure is not error:  # a KeyboardInterrupt goes on up the committing thread only
-                raise
-            return error
-        for write in batch:
-            if write.after_commit is not None:
-                try:
-                    write.after_commit(write.result)
-                except Exception:
-                    traceback.print_exc()
-        return None
-
-    def close(self) -> None:
-        """Let the committer under way commit what is queued, then close; later writes fail with an
-        OperationalError."""
-        with self._mutex:
-            self._closed = True
-            while self._committing:
-                self._idle.wait()
-        self._writer.close()
-
-    # Templates.
-
-    def save_template_version(self, name: str, definition: str, digest: str) -> int:
-        def save(db):
-            db.execute(
-                "INSERT OR IGNORE INTO template_versions (name, definition, key_digest) VALUES (?, ?, ?)",
-                (name, definition, digest),
-            )
-            return db.execute(
-                "SELECT id FROM template_versions WHERE name = ? AND definition = ? AND key_digest = ?",
-                (name, definition, digest),
-            ).fetchone()[0]
-
-        return self._write(save)
-
-    def template_version(self, version: int) -> tuple[str, str, str]:
-        return self._reader().execute(
-            "SELECT name, definition, key_digest FROM template_versions WHERE id = ?", (version,)
-        ).fetchone()
-
-    # Jobs.
-
-    def insert_job(self, template: JobTemplate, variables: dict[str, str], then=None) -> int:
-        """Commit a new Pending job and return its id; then(id) runs right after the commit, in id order."""
-        row = (template.version, template.name, json.dumps(variables), time.time())
-        return self._write(
-            lambda db: db.execute(
-                "INSERT INTO jobs (template_version, template, status, variables, created_at)"
-                " VALUES (?, ?, 'Pending', ?, ?)", row,
-            ).lastrowid,
-            then,
-        )
-
-    # Every read is one statement where it can be: under load each call into SQLite costs a hand-off of the GIL.
-
-    def get_job(self, job_id: int) -> JobRecord | None:
-        row = self._reader().execute(
-            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest,"
-            " coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = j.id), 0)"
-            " FROM jobs j JOIN template_versions v ON v.id = j.template_version WHERE j.id = ?",
-            (job_id,),
-        ).fetchone()
-        return JobRecord(*row) if row else None
-
-    def job_progress(self, job_id: int) -> tuple[str, int]:
-        """(status, entries logged so far) of an existing job, read in one statement."""
-        return self._reader().execute(
-            "SELECT status, coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = ?), 0) FROM jobs WHERE id = ?",
-            (job_id, job_id),
-        ).fetchone()
-
-    def job_status(self, job_id: int) -> str | None:
-        row = self._reader().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row[0] if row else None
-
-    def unfinished_jobs(self, status: str) -> list[tuple[int, int]]:
-        """(id, template_version) of the jobs in this status, oldest first."""
-        return self._reader().execute(
-            "SELECT id, template_version FROM jobs WHERE status = ? ORDER BY id", (status,)
-        ).fetchall()
-
-    def pending_variables(self, job_id: int) -> dict[str, str] | None:
-        """The variables of a Pending job, or None when it is not Pending (canceled meanwhile)."""
-        row = self._reader().execute(
-            "SELECT variables FROM jobs WHERE id = ? AND status = 'Pending'", (job_id,)
-        ).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def mark_executing(self, job_id: int, started_at: float) -> None:
-        """Pending -> Executing, committed before the job's first process starts or its first log entries are
-        stored: a job found Executing after a crash may have done something and is never run again. (A job of
-        log steps only, with fewer than LOG_FLUSH_ENTRIES entries, goes from Pending to final at once.)"""
-        self._write(lambda db: db.execute(
-            "UPDATE jobs SET status = 'Executing', started_at = ? WHERE id = ? AND status = 'Pending'",
-            (started_at, job_id),
-        ))
-
-    def note_process_group(self, job_id: int, group: int) -> None:
-        """The process group a job's step runs in, to clean up after a crash; queued without waiting."""
-        self._write_later(lambda db: db.execute("UPDATE jobs SET process_group = ? WHERE id = ?", (group, job_id)))
-
-    def append_logs(self, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
-        entries = list(entries)  # the caller's buffer goes on growing
-        self._write(lambda db: self._insert_logs(db, job_id, first_seq, entries))
-
-    @staticmethod
-    def _insert_logs(db, job_id: int, first_seq: int, entries) -> None:
-        db.executemany(
-            "INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
-            ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)),
-        )
-
-    def finish_job(self, job_id: int, status: str, first_seq: int, entries, secrets=(),
-                   started_at: float | None = None) -> bool:
-        """Store the last log entries and the final status in one transaction, removing the named secret
-        variables from the stored ones; False (and nothing stored) when the job was already final."""
-        entries = list(entries)
-        paths = [f'$."{name}"' for name in secrets]  # names are letters, digits and _ only
-        forget = f"json_remove(variables, {', '.join('?' * len(paths))})" if paths else "variables"
-
-        def finish(db):
-            changed = db.execute(
-                "UPDATE jobs SET status = ?, started_at = coalesce(started_at, ?), finished_at = ?,"
-                f" process_group = NULL, variables = {forget}"
-                " WHERE id = ? AND status IN ('Pending', 'Executing')",
-                (status, started_at, time.time(), *paths, job_id),
-            ).rowcount
-            if changed:
-                self._insert_logs(db, job_id, first_seq, entries)
-            return bool(changed)
-
-        return self._write(finish)
-
-    def interrupted_jobs(self) -> list[tuple[int, int, int | None]]:
-        """(id, template_version, process_group) of the jobs a previous process left Executing."""
-        return self._reader().execute(
-            "SELECT id, template_version, process_group FROM jobs WHERE status = 'Executing' ORDER BY id"
-        ).fetchall()
-
-    def log_count(self, job_id: int) -> int:
-        return self.job_progress(job_id)[1]
-
-    def read_logs(self, job_id: int, offset: int, count: int, chunk_rows: int = 5000):
-        """The entries from `offset` up to `count` as "LEVEL: message\\n" text.
-
-        Entries never change once written, so a count read with the job's status (job_progress) bounds a
-        consistent answer without a transaction. A log that fits in one chunk comes back as one string (so
-        the response has a length and the connection stays open); a longer one as an iterator of chunks,
-        read from the database as they are sent, never all at once."""
-        if offset >= count:
-            return ""
-        cursor = self._reader().execute(
-            "SELECT level || ': ' || message || char(10) FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?"
-            " ORDER BY seq",
-            (job_id, offset, count),
-        )
-        first = "".join(row[0] for row in cursor.fetchmany(chunk_rows))
-        if count - offset <= chunk_rows:
-            cursor.close()
-            return first
-
-        def chunks():
-            try:
-                yield first
-                while rows := cursor.fetchmany(chunk_rows):
-                    yield "".join(row[0] for row in rows)
-            finally:
-                cursor.close()
-
-        return chunks()
-
-    # Upkeep.
-
-    def prune_finished(self, before: float, stopping: threading.Event | None = None, batch: int = 500) -> int:
-        """Delete finished jobs older than `before` with their logs, in small transactions, then give the
-        freed pages back to the file system. Returns the number of jobs deleted."""
-        def prune_some(db) -> int:
-            ids = [row[0] for row in db.execute(
-                "SELECT id FROM jobs WHERE finished_at < ? ORDER BY finished_at LIMIT ?", (before, batch)
-            )]
-            marks = ",".join("?" * len(ids))
-            db.execute(f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
-            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
-            return len(ids)
-
-        deleted = 0
-        while (stopping is None or not stopping.is_set()) and (count := self._write(prune_some)):
-            deleted += count
-        if deleted:
-            self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
-        return deleted
-
-
-#
-# Job runner.
+# Job output: what a process prints becomes log entries, cut, masked and sanitized.
 #
 
 
@@ -1053,18 +878,1079 @@ def sanitize_line(line: str) -> str:
     return UNSAFE_CHARACTERS.sub("\ufffd", line.removesuffix("\r"))
 
 
+class Masker:
+    """Replaces a job's secret values by *** in text and in raw output. Output is logged line by line, so each
+    line of a multi-line secret is masked as a secret of its own; longer secrets are replaced first."""
+
+    def __init__(self, values):
+        found = {value for value in values if value}
+        found |= {line for value in found for line in value.split("\n") if line}
+        self.texts = sorted(found, key=len, reverse=True)
+        self.raw = [text.encode() for text in self.texts]
+
+    def text(self, text: str) -> str:
+        for secret in self.texts:
+            text = text.replace(secret, "***")
+        return text
+
+    def output(self, raw: bytes) -> bytes:
+        for secret in self.raw:
+            raw = raw.replace(secret, b"***")
+        return raw
+
+
+class OutputCutter:
+    """Cuts one stream of a process's output into log entries: one per line, and a line longer than max_line in
+    pieces of at most that much. Feed it chunks as they are read and call end() when the stream closes; both
+    return the entries that are complete, raw and unmasked. Each entry is masked on its own afterwards, so a
+    cut never falls inside an occurrence of a secret (nor inside a UTF-8 character); see cut_point."""
+
+    def __init__(self, secrets: list[bytes], max_line: int = MAX_LINE_BYTES):
+        self.secrets, self.max_line = secrets, max_line
+        self.partial = b""  # the unfinished last line, as it came
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *lines, partial = (self.partial + chunk).split(b"\n")
+        entries = []
+        for line in lines:  # at most twice max_line: the unfinished line never grows past max_line
+            line = line.removesuffix(b"\r")  # of a CRLF: not a piece of its own once the line is cut
+            while len(line) > self.max_line:
+                cut = self.cut_point(line, finished=True)
+                entries.append(line[:cut])
+                line = line[cut:]
+            entries.append(line)
+        while len(partial.removesuffix(b"\r")) > self.max_line:  # a \r may be the start of a CRLF
+            cut = self.cut_point(partial, finished=False)
+            entries.append(partial[:cut])
+            partial = partial[cut:]
+        self.partial = partial
+        return entries
+
+    def end(self) -> list[bytes]:
+        rest, self.partial = self.partial, b""
+        return [rest] if rest else []
+
+    def cut_point(self, line: bytes, finished: bool) -> int:
+        """Where to cut a line longer than max_line: the last place at or before that which is neither inside
+        a UTF-8 character, nor inside an occurrence of a secret, nor (in an unfinished line) past the start of a
+        secret that may still be arriving at its end. Secrets are at most MAX_VALUE_BYTES, so such a place is
+        found in the line's last half unless secrets occur there overlapping one another all along (a secret
+        "aa" in "aaaa..."); then max_line."""
+        lowest = self.max_line // 2
+        highest = self.max_line if finished else min(self.max_line, self.arriving_secret(line))
+        if highest <= lowest:
+            return self.max_line
+        inside = bytearray(highest - lowest + 1)  # 1 where a cut would split an occurrence of a secret
+        for secret in (secret for secret in self.secrets if len(secret) > 1):
+            start = line.find(secret, max(0, lowest - len(secret) + 1), highest + len(secret) - 1)
+            while start != -1:
+                first, last = max(start + 1, lowest), min(start + len(secret) - 1, highest)
+                inside[first - lowest:last - lowest + 1] = b"\1" * (last - first + 1)
+                start = line.find(secret, start + 1, highest + len(secret) - 1)
+        for cut in range(highest, lowest, -1):
+            if not inside[cut - lowest] and line[cut] & 0xC0 != 0x80:  # not 10xxxxxx: a character's first byte
+                return cut
+        return self.max_line
+
+    def arriving_secret(self, line: bytes) -> int:
+        """Where the longest end of an unfinished line that begins a secret starts (len(line) if none)."""
+        earliest = len(line)
+        for secret in self.secrets:
+            for size in range(min(len(secret) - 1, len(line)), 0, -1):
+                if line.endswith(secret[:size]):
+                    earliest = min(earliest, len(line) - size)
+                    break
+        return earliest
+
+#
+# Job store: every SQL statement of the program, one interface over SQLite or PostgreSQL.
+#
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """What a status, logs or cancel request needs of a job, read in one statement."""
+
+    id: int
+    template: str
+    template_version: int
+    status: str
+    key_digest: str
+    log_count: int  # entries logged so far
+
+
+@dataclasses.dataclass(frozen=True)
+class JobDetail(JobRecord):
+    """A job as its page shows it. Secret variables are named with the value None: their values are never read
+    back for display."""
+
+    variables: dict[str, str | None]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class Progress(NamedTuple):
+    """Where a job is: its status and how many log entries it has. Both only ever move forward."""
+
+    status: str
+    count: int
+
+    def newer(self, other: Progress | None) -> Progress:
+        """The later of two readings of the same job (they may arrive out of order)."""
+        if other is None:
+            return self
+        status = self.status if STATUSES.index(self.status) >= STATUSES.index(other.status) else other.status
+        return Progress(status, max(self.count, other.count))
+
+
+class Claim(NamedTuple):
+    """A job a worker has claimed: it is Executing, owned by the claiming instance."""
+
+    id: int
+    template_version: int
+    variables: dict[str, str]  # secrets included
+
+
+class StoreEvent(NamedTuple):
+    """Something that happened to the jobs, from this instance or (PostgreSQL) another one.
+
+    kind is "work" (a job became claimable: triggered, or a slot freed), "job" (a job logged or ended:
+    progress says how far), "cancel" (a running job is to stop) or "resync" (events may have been missed:
+    re-read everything)."""
+
+    kind: str
+    job_id: int = 0
+    progress: Progress | None = None
+
+
+NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (SELECT 0 AS n UNION ALL
+    SELECT r.slot + 1 FROM jobs r WHERE r.template = {row}.template AND r.status = 'Executing' AND r.slot IS NOT NULL
+  ) c WHERE NOT EXISTS (
+    SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))"""
+
+# A job takes the lowest free slot of its template below its max_concurrent. A unique index over the slots of
+# Executing jobs (schema.sql) makes the database itself refuse a second job in a slot, so two instances that
+# claim at once cannot pass the limit: the loser's statement fails and it claims again.
+CLAIM_JOB = f"""
+WITH candidate AS MATERIALIZED (
+    SELECT p.id FROM jobs p
+    WHERE p.status = 'Pending' AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent)
+    ORDER BY p.id LIMIT 1 {{skip_locked}}
+)
+UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
+    slot = CASE WHEN jobs.max_concurrent IS NULL THEN NULL ELSE {NEXT_FREE_SLOT.format(row='jobs')} END
+FROM candidate
+WHERE jobs.id = candidate.id AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
+RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets
+"""
+
+# A worker's writes about its job hold only while its instance owns the job and holds its lease, so an
+# instance that was paused or cut off, and came back after others ended its jobs, changes nothing.
+OWNED = ("id = ? AND owner = ? AND status = 'Executing'"
+         " AND EXISTS (SELECT 1 FROM instances i WHERE i.id = jobs.owner AND i.lease_until > {now})")
+
+
+class JobStore:
+    """The jobs, their logs, the template versions they were triggered with, and the instances serving them.
+
+    Lookups return None where nothing matches and let the caller decide what that means for HTTP; every
+    failure of the database is a StoreError. Writes are transactions (`_write`); every job is committed
+    before its token is returned. After each commit the store tells `listener` what happened (StoreEvent),
+    and a store that several instances share tells theirs too. Subclasses supply the connection handling
+    and the few statements where the SQL dialects differ."""
+
+    exclusive = False  # whether one process at a time has the database (then no other instance can be alive)
+    NOW = ""  # the database clock, in seconds since the epoch, as SQL
+    SKIP_LOCKED = ""
+    LOG_LINE = ""  # an entry as "LEVEL: message\n", as SQL
+
+    def __init__(self):
+        self.listener: Callable[[StoreEvent], None] = lambda _event: None
+        self.write_failure: str | None = None  # why the last write failed, until one succeeds
+        self.failures = 0  # reads and writes that failed, for the metrics
+        self._failing_since: float | None = None
+        self._told_at = float("-inf")
+        self._sql_cache: dict[str, str] = {}
+
+    # What subclasses provide.
+
+    def _read(self) -> contextlib.AbstractContextManager:
+        """A connection to read on, as a context manager."""
+        raise NotImplementedError
+
+    def _transaction(self) -> contextlib.AbstractContextManager:
+        """A connection in a write transaction, committed when the block ends without an error."""
+        raise NotImplementedError
+
+    def _announce(self, db, events: list[StoreEvent]) -> None:
+        """Tell the other instances about these events, inside the transaction (nothing for SQLite)."""
+
+    def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
+        raise NotImplementedError
+
+    def _prune_turn(self, db) -> bool:
+        """Whether this instance may prune now (one instance at a time)."""
+        return True
+
+    def _after_prune(self) -> None:
+        """Give freed space back, where the database needs to be told."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # Plumbing.
+
+    def _failed(self, reason: str) -> StoreError:
+        """Count a failure and tell the operator: when failures start, then at most every 10 s."""
+        self.failures += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._told_at >= 10:
+            self._told_at = now
+            event(logging.ERROR, "store.failed", "the job store failed", reason=reason,
+                  failing_for=round(now - self._failing_since, 1))
+        return StoreError(reason)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            event(logging.WARNING, "store.recovered", "the job store works again",
+                  after=round(time.monotonic() - self._failing_since, 1))
+            self._failing_since, self._told_at = None, float("-inf")
+
+    def sql(self, text: str) -> str:
+        """A statement in this store's dialect: {now} and {skip_locked} filled in, ? as its placeholder."""
+        statement = self._sql_cache.get(text)
+        if statement is None:
+            statement = self._sql_cache[text] = self._placeholders(
+                text.replace("{now}", self.NOW).replace("{skip_locked}", self.SKIP_LOCKED)
+                .replace("{log_line}", self.LOG_LINE))
+        return statement
+
+    @staticmethod
+    def _placeholders(statement: str) -> str:
+        return statement
+
+    def _run(self, db, statement: str, parameters=()):
+        return db.execute(self.sql(statement), parameters)
+
+    def _one(self, statement: str, parameters=()):
+        with self._read() as db:
+            return self._run(db, statement, parameters).fetchone()
+
+    def _all(self, statement: str, parameters=()):
+        with self._read() as db:
+            return self._run(db, statement, parameters).fetchall()
+
+    def _write(self, operation: Callable, events: Callable | list | None = None):
+        """Run operation(db) in one transaction and return its result. events (a list, or a function of the
+        result giving one) are announced inside the transaction and given to the listener after the commit."""
+        try:
+            with self._transaction() as db:
+                result = operation(db)
+                happened = events(result) if callable(events) else events or []
+                if happened:
+                    self._announce(db, happened)
+        except SlotTaken:
+            raise  # not a failure of the database: the claim is made again
+        except StoreError as error:
+            self.write_failure = str(error)
+            raise
+        self.write_failure = None
+        if self._failing_since is not None:
+            self._recovered()
+        for happening in happened:
+            try:
+                self.listener(happening)
+            except Exception:  # a listener's bug must not turn a committed write into a failure
+                traceback.print_exc()
+        return result
+
+    # Templates and settings.
+
+    def save_template_version(self, name: str, definition: str, digest: str) -> int:
+        """The id of this exact definition of a template, stored once."""
+        def save(db):
+            self._run(db, "INSERT INTO template_versions (name, definition, key_digest, digest) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT DO NOTHING", (name, definition, digest, version_digest(name, definition, digest)))
+            return self._run(db, "SELECT id FROM template_versions WHERE digest = ?",
+                             (version_digest(name, definition, digest),)).fetchone()[0]
+
+        return self._write(save)
+
+    def template_version(self, version: int) -> tuple[str, str, str] | None:
+        """(name, definition, key digest) of a stored template version."""
+        return self._one("SELECT name, definition, key_digest FROM template_versions WHERE id = ?", (version,))
+
+    def setting(self, name: str, make: Callable[[], str]) -> str:
+        """A value every instance shares, made by the first one that asks (the page's signing secret)."""
+        def read_or_make(db):
+            self._run(db, "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, make()))
+            return self._run(db, "SELECT value FROM settings WHERE name = ?", (name,)).fetchone()[0]
+
+        return self._write(read_or_make)
+
+    # Jobs.
+
+    def insert_job(self, template: JobTemplate, variables: dict[str, str]) -> int:
+        """Commit a new Pending job and return its id (its token). Secret values are kept apart, to be
+        dropped when the job is final."""
+        public = {name: None if name in template.secret_names else value for name, value in variables.items()}
+        hidden = {name: value for name, value in variables.items() if name in template.secret_names}
+        row = (template.version, template.name, json.dumps(public), json.dumps(hidden) if hidden else None,
+               template.max_concurrent)
+        return self._write(
+            lambda db: self._run(db, "INSERT INTO jobs (template_version, template, status, variables, secrets,"
+                                     " max_concurrent, created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now})"
+                                     " RETURNING id", row).fetchone()[0],
+            lambda job_id: [StoreEvent("work", job_id)],
+        )
+
+    def get_job(self, job_id: int) -> JobRecord | None:
+        row = self._one(
+            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest,"
+            " coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = j.id), 0)"
+            " FROM jobs j JOIN template_versions v ON v.id = j.template_version WHERE j.id = ?", (job_id,))
+        return JobRecord(*row) if row else None
+
+    def job_detail(self, job_id: int) -> JobDetail | None:
+        row = self._one(
+            "SELECT j.id, j.template, j.template_version, j.status, v.key_digest,"
+            " coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = j.id), 0),"
+            " j.variables, j.created_at, j.started_at, j.finished_at"
+            " FROM jobs j JOIN template_versions v ON v.id = j.template_version WHERE j.id = ?", (job_id,))
+        if row is None:
+            return None
+        return JobDetail(*row[:6], json.loads(row[6]), *row[7:])
+
+    def job_status(self, job_id: int) -> str | None:
+        row = self._one("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        return row[0] if row else None
+
+    def progress_of(self, job_ids: list[int]) -> dict[int, Progress]:
+        """The progress of several jobs in one statement (what waits re-read, in case an event was missed)."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._all(f"SELECT id, status, coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = jobs.id), 0)"
+                         f" FROM jobs WHERE id IN ({marks})", job_ids)
+        return {job_id: Progress(status, count) for job_id, status, count in rows}
+
+    def list_jobs(self, template: str | None = None, status: str | None = None, before: int | None = None,
+                  limit: int = 50) -> list[tuple]:
+        """(id, template, status, keyed, created_at, started_at, finished_at) of recent jobs, newest first.
+        A filter by status leaves out the jobs of keyed templates, whose status is theirs to see."""
+        conditions, parameters = [], []
+        if template is not None:
+            conditions.append("j.template = ?")
+            parameters.append(template)
+        if status is not None:
+            conditions.append("j.status = ? AND v.key_digest = ''")
+            parameters.append(status)
+        if before is not None:
+            conditions.append("j.id < ?")
+            parameters.append(before)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return self._all(
+            "SELECT j.id, j.template, j.status, v.key_digest <> '', j.created_at, j.started_at, j.finished_at"
+            f" FROM jobs j JOIN template_versions v ON v.id = j.template_version {where}"
+            " ORDER BY j.id DESC LIMIT ?", (*parameters, limit))
+
+    def count_jobs(self, status: str) -> int:
+        return self._one("SELECT count(*) FROM jobs WHERE status = ?", (status,))[0]
+
+    def claim_job(self, instance: str) -> Claim | None:
+        """Take the oldest Pending job whose template has a free slot and mark it Executing for this instance,
+        in one statement; None when there is none (or this instance's lease has run out)."""
+        def claim(db):
+            return self._run(db, CLAIM_JOB, (instance, instance)).fetchone()
+
+        for _attempt in range(20):
+            try:
+                row = self._write(claim, lambda row: [StoreEvent("job", row[0], Progress(EXECUTING, 0))] if row else [])
+            except SlotTaken:
+                continue  # another instance filled the slot first: claim again
+            if row is None:
+                return None
+            variables = json.loads(row[2])
+            variables.update(json.loads(row[3]) if row[3] else {})
+            return Claim(row[0], row[1], variables)
+        return None
+
+    def note_process_group(self, job_id: int, instance: str, group: int) -> None:
+        """The process group a job's step runs in, so that an instance on the same host can kill it if this
+        one dies."""
+        self._write(lambda db: self._run(db, "UPDATE jobs SET process_group = ? WHERE " + OWNED,
+                                         (group, job_id, instance)))
+
+    def append_logs(self, job_id: int, instance: str, first_seq: int, entries: list[tuple[str, str]]) -> bool:
+        """Store log entries of a job this instance runs; False (nothing stored) when it no longer owns it."""
+        entries = list(entries)  # the caller's buffer goes on growing
+
+        def append(db):
+            owned = self._run(db, "SELECT 1 FROM jobs WHERE " + OWNED + self.ROW_LOCK, (job_id, instance)).fetchone()
+            if owned:
+                self._insert_logs(db, job_id, first_seq, entries)
+            return bool(owned)
+
+        return self._write(append, lambda owned: [StoreEvent("job", job_id, Progress(EXECUTING, first_seq + len(entries)))]
+                           if owned else [])
+
+    ROW_LOCK = ""  # what keeps a job's row from changing until the transaction ends, where that must be said
+
+    def finish_job(self, job_id: int, instance: str, status: str, first_seq: int,
+                   entries: list[tuple[str, str]]) -> bool:
+        """Store the last entries and the final status of a job this instance runs, forgetting its secret
+        values and freeing its slot; False (nothing stored) when it no longer owns the job."""
+        entries = list(entries)
+
+        def finish(db):
+            changed = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
+                                    " process_group = NULL WHERE " + OWNED, (status, job_id, instance)).rowcount
+            if changed:
+                self._insert_logs(db, job_id, first_seq, entries)
+            return bool(changed)
+
+        return self._write(finish, lambda changed: [StoreEvent("job", job_id, Progress(status, first_seq + len(entries))),
+                                                    StoreEvent("work")] if changed else [])
+
+    def cancel_job(self, job_id: int) -> str | None:
+        """Cancel a job: a Pending one ends in Error at once ("canceled"); an Executing one is marked for its
+        instance to stop ("requested"); a final one is left as it was (its status). None: no such job."""
+        def cancel(db):
+            if self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL"
+                             " WHERE id = ? AND status = 'Pending'", (job_id,)).rowcount:
+                self._insert_logs(db, job_id, 0, [("ERROR", "Job canceled")])
+                return "canceled"
+            if self._run(db, "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'Executing'",
+                         (job_id,)).rowcount:
+                return "requested"
+            row = self._run(db, "SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return row[0] if row else None
+
+        def events(outcome):
+            if outcome == "canceled":
+                return [StoreEvent("job", job_id, Progress(ERROR, 1)), StoreEvent("work")]
+            return [StoreEvent("cancel", job_id)] if outcome == "requested" else []
+
+        return self._write(cancel, events)
+
+    def cancel_requests(self, instance: str) -> list[int]:
+        """The jobs this instance runs that someone asked to cancel."""
+        return [row[0] for row in self._all(
+            "SELECT id FROM jobs WHERE owner = ? AND status = 'Executing' AND cancel_requested = 1", (instance,))]
+
+    def read_logs(self, job_id: int, offset: int, count: int, chunk_rows: int = 5000) -> str | Iterator[str]:
+        """The entries from `offset` up to `count` as "LEVEL: message\\n" text.
+
+        Entries never change once written, so a count read with the job's status bounds a consistent answer
+        without a transaction. A log that fits in one chunk comes back as one string (so the response has a
+        length and the connection stays open); a longer one as chunks, each read as it is sent, never all at
+        once, and each on a connection borrowed just for it."""
+        if offset >= count:
+            return ""
+
+        def chunk(start: int) -> str:
+            rows = self._all("SELECT {log_line} FROM logs WHERE job_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+                             (job_id, start, min(start + chunk_rows, count)))
+            return "".join(row[0] for row in rows)
+
+        if count - offset <= chunk_rows:
+            return chunk(offset)
+        return (chunk(start) for start in range(offset, count, chunk_rows))
+
+    def log_tail(self, job_id: int, first: int, last: int) -> list[tuple[int, str, str]]:
+        """(seq, level, message) of the entries from first up to last (the page shows a log's end)."""
+        return self._all("SELECT seq, level, message FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?"
+                         " ORDER BY seq", (job_id, first, last))
+
+    # Instances and their leases.
+
+    def register_instance(self, instance: str, lease: float) -> None:
+        """A new instance and its first lease. On a database only one process can have, every other instance
+        is dead, so their leases end now and their jobs are ended at once."""
+        def register(db):
+            if self.exclusive:
+                self._run(db, "UPDATE instances SET lease_until = 0 WHERE lease_until > 0")
+            self._run(db, "INSERT INTO instances (id, host, boot_id, pid, started_at, lease_until)"
+                          " VALUES (?, ?, ?, ?, {now}, {now} + ?)",
+                      (instance, socket.gethostname(), boot_id(), os.getpid(), lease))
+
+        self._write(register)
+
+    def renew_lease(self, instance: str, lease: float) -> bool:
+        """Extend this instance's lease, by the database's clock; False when it had already run out (others may
+        be ending its jobs: it must start again as a new instance)."""
+        return bool(self._write(lambda db: self._run(
+            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}",
+            (lease, instance)).rowcount))
+
+    def end_lease(self, instance: str) -> None:
+        """This instance stops: its lease ends now (its jobs are already final)."""
+        self._write(lambda db: self._run(db, "UPDATE instances SET lease_until = 0 WHERE id = ?", (instance,)))
+
+    def orphaned_jobs(self) -> list[tuple[int, str | None, int | None, str | None]]:
+        """(id, owner, process group, owner's boot id) of the Executing jobs whose instance's lease ran out."""
+        return self._all(
+            "SELECT j.id, j.owner, j.process_group, i.boot_id FROM jobs j LEFT JOIN instances i ON i.id = j.owner"
+            " WHERE j.status = 'Executing' AND (i.id IS NULL OR i.lease_until <= {now}) ORDER BY j.id")
+
+    def end_orphaned_job(self, job_id: int, owner: str | None, message: str) -> bool:
+        """End in Error a job whose instance stopped, with an entry saying so; False when it was already final
+        (or claimed by its owner's successor)."""
+        def end(db):
+            changed = self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
+                                    " process_group = NULL WHERE id = ? AND status = 'Executing'"
+                                    " AND coalesce(owner, '') = coalesce(?, '')", (job_id, owner)).rowcount
+            if not changed:
+                return None
+            seq = self._run(db, "SELECT coalesce(max(seq) + 1, 0) FROM logs WHERE job_id = ?", (job_id,)).fetchone()[0]
+            self._insert_logs(db, job_id, seq, [("ERROR", message)])
+            return seq + 1
+
+        return self._write(end, lambda count: [StoreEvent("job", job_id, Progress(ERROR, count)),
+                                               StoreEvent("work")] if count else []) is not None
+
+    def forget_instances(self, older_than: float) -> None:
+        """Delete instances whose lease ended long ago and who own no Executing job."""
+        self._write(lambda db: self._run(
+            db, "DELETE FROM instances WHERE lease_until < {now} - ? AND NOT EXISTS"
+                " (SELECT 1 FROM jobs WHERE owner = instances.id AND status = 'Executing')", (older_than,)))
+
+    # Upkeep.
+
+    def ping(self) -> None:
+        """A cheap read: raises StoreError when the database does not answer."""
+        self._one("SELECT 1 FROM instances LIMIT 1")
+
+    def prune_finished(self, older_than_days: float, stopping: threading.Event | None = None,
+                       batch: int = 500) -> int:
+        """Delete finished jobs older than that, with their logs, in small transactions, on one instance at a
+        time. Returns the number of jobs deleted."""
+        age = older_than_days * 86400
+
+        def prune_some(db) -> int:
+            if not self._prune_turn(db):
+                return 0
+            ids = [row[0] for row in self._run(
+                db, "SELECT id FROM jobs WHERE finished_at < {now} - ? ORDER BY finished_at LIMIT ?", (age, batch))]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                self._run(db, f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
+                self._run(db, f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            return len(ids)
+
+        deleted = 0
+        while (stopping is None or not stopping.is_set()) and (count := self._write(prune_some)):
+            deleted += count
+        if deleted:
+            self._after_prune()
+        return deleted
+
+
+class SlotTaken(StoreError):
+    """Two instances claimed a job into the same slot at once; the one refused claims again."""
+
+
+def version_digest(name: str, definition: str, key: str) -> str:
+    return hashlib.sha256(json.dumps([name, definition, key]).encode()).hexdigest()
+
+
+def boot_id() -> str:
+    """This boot of this machine: two instances with the same boot id can signal each other's processes."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+SCHEMA_VERSION = 2  # 1: before instances, leases and slots (the first released schema)
+
+
+class SQLiteStore(JobStore):
+    """The jobs in one SQLite file, for one server process (app.py holds a lock on the file).
+
+    Writes go through one connection, one transaction at a time (BEGIN IMMEDIATE, so a lock held by another
+    program is met at the start of a write, within the busy timeout). Reads use a small shelf of connections of
+    their own: in WAL mode they never wait for writes."""
+
+    exclusive = True
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+    LOG_LINE = "level || ': ' || message || char(10)"
+    IDLE_READERS = 8
+
+    def __init__(self, path: str | Path, busy_timeout: float = DEFAULTS.busy_timeout):
+        super().__init__()
+        if sqlite3.sqlite_version_info < (3, 35):
+            raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed")
+        self.path, self.busy_timeout = str(path), busy_timeout
+        self._write_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        with self._errors():
+            self._writer = self._connect(writer=True)
+            try:
+                self._create_schema()
+            except BaseException:
+                self._writer.close()
+                raise
+
+    def _connect(self, writer: bool = False) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                     check_same_thread=False)
+        if writer:  # on a new file this must come first: switching to WAL writes the header
+            connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a crash of this process
+        return connection
+
+    def _create_schema(self) -> None:
+        db = self._writer
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if "jobs" in tables and version < 2:
+            migrate_sqlite_from_1(db)
+        elif version > SCHEMA_VERSION:
+            raise StoreError(f"the database has schema version {version}, newer than this app.py knows "
+                             f"({SCHEMA_VERSION})")
+        db.executescript(SCHEMA_PATH.read_text())
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except sqlite3.IntegrityError as error:
+            if "slot" in str(error):
+                raise SlotTaken(str(error)) from None
+            raise self._failed(str(error)) from None
+        except sqlite3.Error as error:
+            raise self._failed(str(error)) from None
+
+    @contextlib.contextmanager
+    def _read(self):
+        with self._readers_lock:
+            connection = self._readers.pop() if self._readers else None
+        with self._errors():
+            if self._closed:
+                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
+            if connection is None:
+                connection = self._connect()
+            try:
+                yield connection
+            finally:
+                with self._readers_lock:
+                    keep = len(self._readers) < self.IDLE_READERS and not self._closed
+                    if keep:
+                        self._readers.append(connection)
+                if not keep:
+                    connection.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._write_lock, self._errors():
+            if self._closed:
+                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
+        db.executemany("INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
+                       ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)))
+
+    def _after_prune(self) -> None:
+        self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._closed = True
+            self._writer.close()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for connection in readers:
+            connection.close()
+
+
+def migrate_sqlite_from_1(db: sqlite3.Connection) -> None:
+    """Bring a database of the first schema up to this one: the columns that instances, slots and kept-apart
+    secrets need, and the secret values of unfinished jobs moved out of their variables."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for column in ("secrets TEXT", "max_concurrent INTEGER", "owner TEXT", "slot INTEGER",
+                       "cancel_requested INTEGER NOT NULL DEFAULT 0"):
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+        db.execute("ALTER TABLE template_versions ADD COLUMN digest TEXT")
+        for version, name, definition, key in db.execute(
+                "SELECT id, name, definition, key_digest FROM template_versions").fetchall():
+            db.execute("UPDATE template_versions SET digest = ? WHERE id = ?",
+                       (version_digest(name, definition, key), version))
+        rows = db.execute("SELECT j.id, j.status, j.variables, v.definition FROM jobs j"
+                          " JOIN template_versions v ON v.id = j.template_version").fetchall()
+        for job_id, status, variables, definition in rows:
+            spec = json.loads(definition)
+            limit = spec.get("max_concurrent")
+            declared = spec.get("variables", {})
+            secret = {name for name, field in declared.items() if isinstance(field, dict) and field.get("secret")}
+            values = json.loads(variables)
+            hidden = {name: values[name] for name in secret if name in values and status not in FINAL_STATUSES}
+            values.update((name, None) for name in secret)
+            db.execute("UPDATE jobs SET variables = ?, secrets = ?, max_concurrent = ? WHERE id = ?",
+                       (json.dumps(values), json.dumps(hidden) if hidden else None,
+                        limit if isinstance(limit, int) else None, job_id))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+class PostgresStore(JobStore):
+    """The jobs in a PostgreSQL database that any number of instances share.
+
+    Connections come from a pool (psycopg_pool); a connection of its own LISTENs for what other instances
+    announce (NOTIFY). A notification is only a hint: the runner and the waits also re-read on a short interval
+    and after every reconnect, so a lost one delays an answer by that interval at most."""
+
+    NOW = "extract(epoch from now())"
+    SKIP_LOCKED = "FOR UPDATE OF p SKIP LOCKED"
+    LOG_LINE = "level || ': ' || message || chr(10)"
+    ROW_LOCK = " FOR SHARE"
+    CHANNEL = "jobserver"
+    PRUNE_LOCK = 7_406_193_101  # the advisory lock that lets one instance at a time prune
+
+    def __init__(self, url: str, busy_timeout: float = DEFAULTS.busy_timeout,
+                 connections: int = DEFAULTS.db_connections):
+        super().__init__()
+        import psycopg  # only when a PostgreSQL URL is given: SQLite needs nothing installed
+        from psycopg_pool import ConnectionPool
+
+        self.psycopg, self.url, self.busy_timeout = psycopg, url, busy_timeout
+        self.origin = uuid.uuid4().hex[:12]  # this store's own notifications are not news to it
+        self._stopping = threading.Event()
+        self.pool = ConnectionPool(url, min_size=min(2, connections), max_size=connections, open=False,
+                                   timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
+                                   check=ConnectionPool.check_connection)
+        with self._errors():
+            self._first_connection()
+            self.pool.open(wait=True, timeout=busy_timeout)
+            self._create_schema()
+        self._listening = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
+        self._listening.start()
+
+    def _first_connection(self) -> None:
+        """Connect once before the pool does, so that a wrong URL or password is told at once and clearly."""
+        self.psycopg.connect(self.url, connect_timeout=max(1, int(self.busy_timeout))).close()
+
+    def _create_schema(self) -> None:
+        with self.pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(7406193100)")  # instances starting at once take turns
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] if row else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(f"the database has schema version {version}, newer than this app.py knows "
+                                 f"({SCHEMA_VERSION})")
+            db.execute(POSTGRES_SCHEMA_PATH.read_text())
+            if version is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+
+    @staticmethod
+    def _placeholders(statement: str) -> str:
+        return statement.replace("%", "%%").replace("?", "%s")
+
+    @contextlib.contextmanager
+    def _errors(self):
+        from psycopg_pool import PoolTimeout
+
+        try:
+            yield
+        except self.psycopg.errors.UniqueViolation as error:
+            if "slot" in str(error):
+                raise SlotTaken(str(error).splitlines()[0]) from None
+            raise self._failed(str(error).splitlines()[0]) from None
+        except self.psycopg.Error as error:
+            raise self._failed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        except PoolTimeout:
+            raise self._failed(f"PostgreSQL does not answer (no connection within {self.busy_timeout:g} s)") from None
+
+    @contextlib.contextmanager
+    def _read(self):
+        with self._errors(), self.pool.connection() as db:
+            yield db
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._errors(), self.pool.connection() as db, db.transaction():
+            yield db
+
+    def _announce(self, db, events: list[StoreEvent]) -> None:
+        for happening in events:
+            progress = happening.progress
+            payload = (f"{happening.kind} {happening.job_id} {progress.status if progress else '-'}"
+                       f" {progress.count if progress else 0} {self.origin}")
+            db.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
+
+    def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
+        if not entries:
+            return
+        with db.cursor().copy("COPY logs (job_id, seq, level, message) FROM STDIN") as copy:
+            for i, (level, message) in enumerate(entries):
+                copy.write_row((job_id, first_seq + i, level, message))
+
+    def _prune_turn(self, db) -> bool:
+        return db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]
+
+    def _listen(self) -> None:
+        """Pass other instances' events to the listener; after a lost connection, reconnect and resync."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                with self.psycopg.connect(self.url, autocommit=True, connect_timeout=5,
+                                          application_name="jobserver-listen") as db:
+                    db.execute(f"LISTEN {self.CHANNEL}")
+                    self.listener(StoreEvent("resync"))
+                    delay = 0.5
+                    while not self._stopping.is_set():
+                        for notification in db.notifies(timeout=1.0):
+                            if self._stopping.is_set():
+                                break
+                            self._heard(notification.payload)
+                        db.execute("SELECT 1")  # a dead connection shows here, not only when a NOTIFY comes
+            except self.psycopg.Error:
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                traceback.print_exc()
+                self._stopping.wait(delay)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            kind, job_id, status, count, origin = payload.split(" ")
+        except ValueError:
+            return
+        if origin == self.origin:
+            return
+        progress = Progress(status, int(count)) if status in STATUSES else None
+        self.listener(StoreEvent(kind, int(job_id), progress))
+
+    def close(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(Exception):  # wakes the listener now rather than at its next timeout
+            with self.pool.connection(timeout=1) as db:
+                db.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, f"stop 0 - 0 {self.origin}"))
+        self._listening.join(timeout=5)
+        self.pool.close()
+
+
+def open_store(database: str, settings: Settings = DEFAULTS) -> JobStore:
+    """The store a --db value names: a postgresql:// URL, or else the path of a SQLite file."""
+    if database.startswith(("postgresql:", "postgres:")):
+        return PostgresStore(database, settings.busy_timeout, settings.db_connections)
+    return SQLiteStore(database, settings.busy_timeout)
+
+
+def redacted(database: str) -> str:
+    """A --db value fit to print: a URL's password replaced by ***."""
+    parts = urllib.parse.urlsplit(database)
+    if parts.password is None:
+        return database
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+#
+# Metrics: this instance's figures for Prometheus, made with prometheus_client.
+#
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
+
+
+class Metrics:
+    """Counters and a histogram kept as things happen, and gauges read when Prometheus scrapes (LiveFigures),
+    in a registry of the app's own so that tests can build many apps. Labels are template names, endpoints,
+    status words and rule names: never a variable's value or a key. A template that is no longer in force is
+    counted as "other", so the template label only ever names templates that exist."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.template_names: Callable[[], frozenset[str]] = frozenset
+        self.jobs_triggered = Counter("jobserver_jobs_triggered", "Jobs triggered on this instance, by template"
+                                      " and by where from (api or page)", ["template", "via"], registry=self.registry)
+        self.jobs_finished = Counter("jobserver_jobs_finished", "Jobs this instance ran to their end, by template"
+                                     " and final status", ["template", "status"], registry=self.registry)
+        self.job_duration = Histogram("jobserver_job_duration_seconds", "How long the jobs this instance ran took,"
+                                      " from claim to end, by template", ["template"], buckets=DURATION_BUCKETS,
+                                      registry=self.registry)
+        self.http_requests = Counter("jobserver_http_requests", "HTTP requests answered, by endpoint and status"
+                                     " code", ["endpoint", "code"], registry=self.registry)
+        self.log_entries = Counter("jobserver_log_entries_stored", "Log entries this instance stored",
+                                   registry=self.registry)
+        self.refused = Counter("jobserver_requests_refused", "Requests refused by the Host rule (host), the"
+                               " cross-site rule (cross-site) and the key throttle (key-throttle)", ["rule"],
+                               registry=self.registry)
+
+    def template(self, name: str) -> str:
+        return name if name in self.template_names() else "other"
+
+    def job_triggered(self, template: str, via: str) -> None:
+        self.jobs_triggered.labels(self.template(template), via).inc()
+
+    def job_finished(self, template: str, status: str, seconds: float) -> None:
+        label = self.template(template)
+        self.jobs_finished.labels(label, status).inc()
+        self.job_duration.labels(label).observe(seconds)
+
+    def observe_live(self, collector) -> None:
+        self.registry.register(collector)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class LiveFigures:
+    """The gauges, read from the store, the runner and the waits when Prometheus scrapes."""
+
+    def __init__(self, store: JobStore, runner: JobRunner, watch: JobWatch):
+        self.store, self.runner, self.watch = store, runner, watch
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            pending = self.store.count_jobs(PENDING)
+        except StoreError:
+            pending = None
+        if pending is not None:
+            yield GaugeMetricFamily("jobserver_jobs_pending", "Pending jobs in the database (shared by every"
+                                    " instance: take the max over instances, not the sum)", value=pending)
+        yield GaugeMetricFamily("jobserver_jobs_executing", "Jobs this instance runs now",
+                                value=len(self.runner.running))
+        workers = GaugeMetricFamily("jobserver_workers", "This instance's job workers, busy or idle",
+                                    labels=["state"])
+        busy = len(self.runner.running)
+        workers.add_metric(["busy"], busy)
+        workers.add_metric(["idle"], max(0, self.runner.settings.workers - busy))
+        yield workers
+        yield GaugeMetricFamily("jobserver_long_polls_waiting", "Requests held open by wait on this instance",
+                                value=self.watch.waiting)
+        yield CounterMetricFamily("jobserver_store_errors", "Reads and writes of the job store that failed",
+                                  value=self.store.failures)
+
+#
+# Waiting for jobs: requests held by `wait` until their job moves on.
+#
+
+
+class WatchedJob:
+    """The requests waiting on one job, and the newest progress known of it."""
+
+    __slots__ = ("condition", "progress", "waiters")
+
+    def __init__(self, progress: Progress):
+        self.condition = threading.Condition()
+        self.progress = progress
+        self.waiters = 0
+
+
+class JobWatch:
+    """Requests that wait for a job to log or end (status, logs and cancel). Each sleeps on its job's condition
+    and is woken by the store's events, which carry the job's new progress, so a thousand waiters cost no
+    reads; recheck() re-reads the watched jobs on an interval, in one statement, in case an event was missed
+    (another instance's notification lost, or a reconnect). Each waiting request holds one HTTP thread: at most
+    max_followers wait at once, and a request beyond that is answered at once with what there is."""
+
+    def __init__(self, store: JobStore, max_followers: int = DEFAULTS.max_followers):
+        self.store, self.max_followers = store, max_followers
+        self.jobs: dict[int, WatchedJob] = {}
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.closed = False
+
+    def wait(self, job_id: int, known: Progress, done: Callable[[Progress], bool], timeout: float) -> Progress:
+        """Wait up to timeout seconds until done(progress) holds; returns the progress then (or at the end of
+        the wait, or early when the server must: shutting down, or too many waiting)."""
+        if done(known) or timeout <= 0:
+            return known
+        with self.lock:
+            if self.closed or self.waiting >= self.max_followers:
+                return known
+            watched = self.jobs.get(job_id)
+            if watched is None:
+                watched = self.jobs[job_id] = WatchedJob(known)
+            watched.waiters += 1
+            self.waiting += 1
+        try:
+            deadline = time.monotonic() + timeout
+            with watched.condition:
+                watched.progress = known.newer(watched.progress)
+                while not done(watched.progress) and not self.closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    watched.condition.wait(remaining)
+                return watched.progress
+        finally:
+            with self.lock:
+                self.waiting -= 1
+                watched.waiters -= 1
+                if not watched.waiters:
+                    del self.jobs[job_id]
+
+    def update(self, job_id: int, progress: Progress) -> None:
+        """A job moved on: wake its waiters (a no-op for a job nobody waits on)."""
+        watched = self.jobs.get(job_id)
+        if watched is None:
+            return
+        with watched.condition:
+            newer = progress.newer(watched.progress)
+            if newer != watched.progress:
+                watched.progress = newer
+                watched.condition.notify_all()
+
+    def recheck(self) -> None:
+        """Re-read every watched job in one statement and wake the waiters of those that moved on."""
+        job_ids = list(self.jobs)
+        if job_ids:
+            for job_id, progress in self.store.progress_of(job_ids).items():
+                self.update(job_id, progress)
+
+    def close(self) -> None:
+        """Answer every wait now (the server is stopping), and every later one at once."""
+        self.closed = True
+        for watched in list(self.jobs.values()):
+            with watched.condition:
+                watched.condition.notify_all()
+
+
+#
+# Job runner: worker threads claim jobs from the store and run their steps as processes.
+#
+
+
 class JobExecution:
     """One job running on a worker thread: its steps, its processes and its log, until it is final."""
 
-    def __init__(self, runner: JobRunner, job_id: int, template: JobTemplate, queued_variables: dict | None = None):
-        self.runner, self.store, self.job_id, self.template = runner, runner.store, job_id, template
-        self.queued_variables = queued_variables  # as triggered, when the queue kept them
-        self.variables: dict[str, str] | None = None  # once running
-        self.started_at: float | None = None
-        self.marked_executing = False
-        self.values: dict[str, str] = {}  # by lower-case name, for substitution
-        self.secrets: list[str] = []
-        self.secret_bytes: list[bytes] = []  # the same, as process output carries them
+    def __init__(self, runner: JobRunner, claim: Claim, template: JobTemplate, owner: str):
+        self.runner, self.store, self.template, self.owner = runner, runner.store, template, owner
+        self.job_id = claim.id
+        self.variables = claim.variables
+        self.values = {name.lower(): value for name, value in claim.variables.items()}  # for substitution
+        self.values.update(jobtoken=str(claim.id), templatename=template.name)
+        self.masker = Masker(claim.variables.get(name) for name in template.secret_names)
+        self.started = time.monotonic()
         self.seq = 0  # of the next entry to store
         self.buffer: list[tuple[str, str]] = []
         self.buffered_since = 0.0
@@ -1072,38 +1958,32 @@ class JobExecution:
         self.log_bytes = 0
         self.dropped_lines = self.dropped_bytes = 0
         self.stop_reason: str | None = None  # logged as an ERROR entry as soon as the job notices it
+        self.stop_cause: str | None = None  # for the operator's event: timeout, cancel, shutdown, store, lease
         self.stop_logged = False
         self.stop_graceful = False
+        self.failure: dict = {}  # the step that failed and how, for the operator's event
         self.process: subprocess.Popen | None = None
-        self.storage_error: sqlite3.Error | None = None
+        self.unstored: str | None = None  # why the buffer could not be stored, while it cannot
+        self.retry_at = 0.0
+        self.disowned = False  # the store says this instance no longer owns the job
 
     # Log entries.
 
     def log(self, level: str, text: str) -> None:
         """Log a message of the runner's or a log step's, one entry per line (a final newline ends the last
         line, it starts no empty one), never dropped."""
-        for line in self.mask(text).removesuffix("\n").split("\n"):
+        for line in self.masker.text(text).removesuffix("\n").split("\n"):
             self._buffer(level, sanitize_line(line))
 
     def log_output(self, level: str, raw: bytes) -> None:
-        """Log one entry of a process's output (a line, or a piece of a long one: see take_output), masked,
+        """Log one entry of a process's output (a line, or a piece of a long one: see OutputCutter), masked,
         within the log budget, which counts the output as it came."""
         if self.log_bytes + len(raw) > self.template.max_log_bytes:
             self.dropped_lines += 1
             self.dropped_bytes += len(raw)
             return
         self.log_bytes += len(raw)
-        self._buffer(level, sanitize_line(self.mask_output(raw).decode("utf-8", "replace")))
-
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def mask_output(self, raw: bytes) -> bytes:
-        for secret in self.secret_bytes:
-            raw = raw.replace(secret, b"***")
-        return raw
+        self._buffer(level, sanitize_line(self.masker.output(raw).decode("utf-8", "replace")))
 
     def _buffer(self, level: str, line: str) -> None:
         if not self.buffer:
@@ -1115,44 +1995,41 @@ class JobExecution:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered entries; a storage failure stops the job (it ends in Error when storage allows)."""
-        if not self.buffer or self.storage_error or not self.mark_executing():
+        """Store the buffered entries. While the store fails they wait in memory, retried every half second;
+        past MAX_UNSTORED_ENTRIES the job is stopped."""
+        if not self.buffer or self.disowned or time.monotonic() < self.retry_at:
             return
         try:
-            self.store.append_logs(self.job_id, self.seq, self.buffer)
-        except sqlite3.Error as error:
-            self.storage_error = error
-            self.request_stop(f"Could not store the job's log ({error}); the job was stopped", graceful=False)
+            owned = self.store.append_logs(self.job_id, self.owner, self.seq, self.buffer)
+        except StoreError as error:
+            self.unstored, self.retry_at = str(error), time.monotonic() + 0.5
+            if len(self.buffer) > MAX_UNSTORED_ENTRIES and self.stop_reason is None:
+                self.request_stop(f"Could not store the job's log ({error}) while {len(self.buffer)} entries"
+                                  " waited; the job was stopped", graceful=False, cause="store")
             return
+        self.unstored = None
+        if not owned:
+            self.disown()
+            return
+        self.runner.metrics.log_entries.inc(len(self.buffer))
         self.seq += len(self.buffer)
         self.buffer = []
-        self.runner.notify(self.job_id)
-
-    def mark_executing(self) -> bool:
-        """Commit Pending -> Executing once, before the job's first process starts or its first log entries are
-        stored, so that a job found Pending at a restart has done nothing yet; False (and the job stopped) when
-        storage fails."""
-        if self.marked_executing:
-            return True
-        try:
-            self.store.mark_executing(self.job_id, self.started_at)
-        except sqlite3.Error as error:
-            self.storage_error = error
-            self.request_stop(f"Could not store that the job started ({error}); it was stopped", graceful=False)
-            return False
-        self.marked_executing = True
-        return True
 
     def flush_if_due(self) -> None:
         if self.buffer and time.monotonic() - self.buffered_since >= LOG_FLUSH_SECONDS:
             self.flush()
 
-    # Stopping from other threads (cancel, shutdown).
+    def disown(self) -> None:
+        """Another instance ended this job (this one's lease had run out): stop its processes, write nothing."""
+        self.disowned = True
+        self.request_stop("The job was ended by another instance", graceful=False, cause="lease")
 
-    def request_stop(self, reason: str, graceful: bool) -> None:
-        """Stop the job: its processes get SIGTERM (graceful, SIGKILL after CANCEL_GRACE) or SIGKILL."""
+    # Stopping from other threads (cancel, shutdown, a lost lease).
+
+    def request_stop(self, reason: str, graceful: bool, cause: str) -> None:
+        """Stop the job: its processes get SIGTERM (graceful, then SIGKILL after the cancel grace) or SIGKILL."""
         if self.stop_reason is None:
-            self.stop_reason, self.stop_graceful = reason, graceful
+            self.stop_reason, self.stop_graceful, self.stop_cause = reason, graceful, cause
         elif not graceful:
             self.stop_graceful = False
         process = self.process
@@ -1161,25 +2038,19 @@ class JobExecution:
 
     # Running.
 
-    def run(self, variables: dict[str, str]) -> None:
-        """Run every step, then store the final status; whatever happens, the job ends final."""
+    def run(self) -> None:
+        """Run every step, then store the final status; whatever happens, the job ends final (unless another
+        instance ended it)."""
         try:
-            self.started_at = time.time()
-            self.variables = variables
-            self.values = {name.lower(): value for name, value in variables.items()}
-            self.values.update(jobtoken=str(self.job_id), templatename=self.template.name)
-            secrets = {variables[name] for name in self.template.secret_names if variables.get(name)}
-            secrets |= {line for secret in secrets for line in secret.split("\n") if line}  # output comes by lines
-            self.secrets = sorted(secrets, key=len, reverse=True)
-            self.secret_bytes = [secret.encode() for secret in self.secrets]
             deadline = time.monotonic() + self.template.timeout if self.template.timeout else None
-            for step in self.template.steps:
-                if self.stop_reason or not self.run_step(step, deadline):
+            for number, step in enumerate(self.template.steps, 1):
+                if self.stop_reason or not self.run_step(step, number, deadline):
                     break
             self.announce_stop()
         except Exception as error:  # a bug here must not leave the job Executing
             traceback.print_exc()
             self.log("ERROR", f"Internal error in the job runner: {error!r}")
+            self.failure = self.failure or {"reason": "internal error"}
         self.finish()
 
     def announce_stop(self) -> None:
@@ -1187,7 +2058,7 @@ class JobExecution:
             self.stop_logged = True
             self.log("ERROR", self.stop_reason)
 
-    def run_step(self, step: Step, job_deadline: float | None) -> bool:
+    def run_step(self, step: Step, number: int, job_deadline: float | None) -> bool:
         """Run one step; whether the job goes on."""
         if step.kind == "log":
             self.log(step.level, substitute(step.command, self.values))
@@ -1202,10 +2073,13 @@ class JobExecution:
         if step.timeout and (deadline is None or time.monotonic() + step.timeout < deadline):
             deadline, why = time.monotonic() + step.timeout, f"Step timed out after {step.timeout:g} s"
         code = self.run_process(step, argv, deadline, why)
+        label = step.name or number
         if code is None:  # timed out, stopped, or could not start
+            self.failure = self.failure or {"step": label, "reason": self.stop_cause or "could not start"}
             return False
         if code != 0:
             self.log("ERROR", f"Process exited with code: {code}")
+            self.failure = self.failure or {"step": label, "exit_code": code}
             return step.continue_on_error
         return True
 
@@ -1220,8 +2094,6 @@ class JobExecution:
     def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
         """Run one process in a group of its own, logging its output; its exit code, or None if it timed
         out, was stopped or could not start. Nothing of its process group outlives this call."""
-        if not self.mark_executing():
-            return None
         try:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1233,9 +2105,12 @@ class JobExecution:
             return None
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
-            self.request_stop(self.stop_reason, self.stop_graceful)
+            self.request_stop(self.stop_reason, self.stop_graceful, self.stop_cause)
         try:
-            self.store.note_process_group(self.job_id, process.pid)
+            try:
+                self.store.note_process_group(self.job_id, self.owner, process.pid)
+            except StoreError:
+                pass  # only a crash of this instance needs it; the log's own retries tell of the store
             return self.supervise(process, step, deadline, why)
         finally:
             self.process = None  # no more signals from other threads: the pid is about to be reaped
@@ -1245,7 +2120,12 @@ class JobExecution:
             process.stderr.close()
 
     def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
-        streams = {process.stdout.fileno(): [step.stdout_level, b""], process.stderr.fileno(): [step.stderr_level, b""]}
+        """Read the process's output until both its pipes close and it has exited, doing what falls due on the
+        way (see StepTimers); its exit code, or None when it was stopped."""
+        secrets = self.masker.raw
+        streams = {process.stdout.fileno(): (step.stdout_level, OutputCutter(secrets)),
+                   process.stderr.fileno(): (step.stderr_level, OutputCutter(secrets))}
+        timers = StepTimers(deadline, why)
         poller = select.poll()  # no descriptor of its own to set up and close, unlike epoll, for each process
         exit_watch = process_exit_watch(process.pid)
         try:
@@ -1254,130 +2134,127 @@ class JobExecution:
                 poller.register(fd, select.POLLIN)
             if exit_watch is not None:
                 poller.register(exit_watch, select.POLLIN)
-            exited_at = kill_at = killed_at = None
-            while streams or exited_at is None:
+            while streams or timers.exited_at is None:
                 now = time.monotonic()
-                if exited_at is None and exit_watch is None and process_exited(process.pid):
-                    exited_at = now
-                if deadline is not None and now >= deadline and self.stop_reason is None:
-                    self.request_stop(f"{why}; its processes were killed", graceful=False)
-                if self.stop_reason and kill_at is None:
-                    self.announce_stop()
-                    kill_at = now + (CANCEL_GRACE if self.stop_graceful else 0)
-                if kill_at is not None and now >= kill_at:
-                    signal_group(process.pid, signal.SIGKILL)
-                    kill_at, killed_at = float("inf"), killed_at or now
-                if exited_at is not None and streams and killed_at is None and now - exited_at >= LEFTOVER_GRACE:
-                    self.log("WARN", f"The step exited but processes it started still held its output open after "
-                                     f"{LEFTOVER_GRACE:g} s; they were killed")
-                    signal_group(process.pid, signal.SIGKILL)
-                    killed_at = now
-                if exited_at is not None and streams and killed_at is not None and now - killed_at >= LEFTOVER_GRACE:
-                    # Only a process that left the group (setsid) can still hold the output: stop reading it.
-                    self.log("WARN", "Processes that left the step's process group still hold its output;"
-                                     " it is no longer read and they are left running")
-                    break
-                wait = POLL_SECONDS
-                if self.buffer:
-                    wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
-                if deadline is not None and self.stop_reason is None:
-                    wait = min(wait, max(0.0, deadline - now))
-                for fd, _ in poller.poll(wait * 1000):  # POLLIN, or POLLHUP at the end: both read
+                if timers.exited_at is None and exit_watch is None and process_exited(process.pid):
+                    timers.exited_at = now
+                if not self.act_on_due(timers, process.pid, bool(streams), now):
+                    break  # the output is abandoned
+                timers.quiet = True
+                for fd, _ in poller.poll(self.next_wakeup(timers, now) * 1000):  # POLLIN, or POLLHUP at the end
                     if fd == exit_watch:
                         poller.unregister(exit_watch)
-                        exited_at = time.monotonic()
+                        timers.exited_at = time.monotonic()
                         continue
-                    chunk = os.read(fd, 65536)
-                    stream = streams[fd]
-                    if chunk:
-                        self.take_output(stream, chunk)
-                    else:
+                    timers.quiet = False
+                    if not self.read_output(fd, streams, timers):
                         poller.unregister(fd)
-                        if stream[1]:  # the last line, unfinished
-                            self.log_output(stream[0], stream[1])
                         del streams[fd]
                 self.flush_if_due()
             code = process_exit_code(process)
         finally:
             if exit_watch is not None:
                 os.close(exit_watch)
-        if self.stop_reason:
-            return None
-        return code
+        return None if self.stop_reason else code
 
-    def take_output(self, stream: list, chunk: bytes) -> None:
-        """Log the complete lines of a chunk of output and keep the unfinished last one, as it came, for the
-        next chunk. A line longer than MAX_LINE_BYTES is logged in entries of that much output at most; each
-        entry is masked on its own, so no cut may split a secret (see cut_point)."""
-        level, partial = stream
-        *lines, partial = (partial + chunk).split(b"\n")
-        for line in lines:  # at most 2 * MAX_LINE_BYTES: the unfinished line never grows past MAX_LINE_BYTES
-            line = line.removesuffix(b"\r")  # of a CRLF: not a piece of its own once the line is cut
-            while len(line) > MAX_LINE_BYTES:
-                cut = self.cut_point(line, finished=True)
-                self.log_output(level, line[:cut])
-                line = line[cut:]
-            self.log_output(level, line)
-        while len(partial.removesuffix(b"\r")) > MAX_LINE_BYTES:  # a \r may be the start of a CRLF
-            cut = self.cut_point(partial, finished=False)
-            self.log_output(level, partial[:cut])
-            partial = partial[cut:]
-        stream[1] = partial
+    def act_on_due(self, timers: StepTimers, group: int, output_open: bool, now: float) -> bool:
+        """Do what is due at `now`: stop at the deadline, kill when a stop's grace is over, kill leftovers that
+        hold the output after the step exited; False when the output is to be abandoned."""
+        if timers.deadline is not None and now >= timers.deadline and self.stop_reason is None:
+            self.request_stop(f"{timers.why}; its processes were killed", graceful=False, cause="timeout")
+        if self.stop_reason and timers.kill_at is None:
+            self.announce_stop()
+            timers.kill_at = now + (self.runner.settings.cancel_grace if self.stop_graceful else 0)
+        if timers.kill_at is not None and now >= timers.kill_at:
+            signal_group(group, signal.SIGKILL)
+            timers.kill_at, timers.killed_at = float("inf"), timers.killed_at or now
+        if timers.exited_at is None or not output_open or not timers.held_open():
+            return True
+        if timers.killed_at is None and now - timers.exited_at >= LEFTOVER_GRACE:
+            self.log("WARN", f"The step exited but processes it started still held its output open after "
+                             f"{LEFTOVER_GRACE:g} s; they were killed")
+            signal_group(group, signal.SIGKILL)
+            timers.killed_at = now
+        elif timers.killed_at is not None and now - timers.killed_at >= LEFTOVER_GRACE:
+            # Only a process that left the group (setsid) can still hold the output: stop reading it.
+            self.log("WARN", "Processes that left the step's process group still hold its output;"
+                             " it is no longer read and they are left running")
+            return False
+        return True
 
-    def cut_point(self, line: bytes, finished: bool) -> int:
-        """Where to cut a line longer than MAX_LINE_BYTES: the last place at or before that which is neither
-        inside a UTF-8 character, nor inside an occurrence of a secret, nor (in an unfinished line) past the
-        start of a secret that may still be arriving at its end. Secrets are at most MAX_VALUE_BYTES, so such a
-        place is found in the line's last half unless secrets occur there overlapping one another all along
-        (a secret "aa" in "aaaa..."); then MAX_LINE_BYTES."""
-        lowest = MAX_LINE_BYTES // 2
-        highest = MAX_LINE_BYTES if finished else min(MAX_LINE_BYTES, self.arriving_secret(line))
-        if highest <= lowest:
-            return MAX_LINE_BYTES
-        inside = bytearray(highest - lowest + 1)  # 1 where a cut would split an occurrence of a secret
-        for secret in (secret for secret in self.secret_bytes if len(secret) > 1):
-            start = line.find(secret, max(0, lowest - len(secret) + 1), highest + len(secret) - 1)
-            while start != -1:
-                first, last = max(start + 1, lowest), min(start + len(secret) - 1, highest)
-                inside[first - lowest:last - lowest + 1] = b"\1" * (last - first + 1)
-                start = line.find(secret, start + 1, highest + len(secret) - 1)
-        for cut in range(highest, lowest, -1):
-            if not inside[cut - lowest] and line[cut] & 0xC0 != 0x80:  # not 10xxxxxx: a character's first byte
-                return cut
-        return MAX_LINE_BYTES
+    def next_wakeup(self, timers: StepTimers, now: float) -> float:
+        """Seconds until something may fall due: a flush of the buffer, the deadline, or the next look."""
+        wait = POLL_SECONDS
+        if self.buffer:
+            wait = min(wait, max(0.0, self.buffered_since + LOG_FLUSH_SECONDS - now))
+        if timers.deadline is not None and self.stop_reason is None:
+            wait = min(wait, max(0.0, timers.deadline - now))
+        return wait
 
-    def arriving_secret(self, line: bytes) -> int:
-        """Where the longest end of an unfinished line that begins a secret starts (len(line) if none)."""
-        earliest = len(line)
-        for secret in self.secret_bytes:
-            for size in range(min(len(secret) - 1, len(line)), 0, -1):
-                if line.endswith(secret[:size]):
-                    earliest = min(earliest, len(line) - size)
-                    break
-        return earliest
+    def read_output(self, fd: int, streams: dict, timers: StepTimers) -> bool:
+        """Log what a pipe has ready; False once it is closed (its unfinished last line logged too)."""
+        level, cutter = streams[fd]
+        chunk = os.read(fd, 65536)
+        if timers.exited_at is not None:
+            timers.read_after_exit += len(chunk)
+        for entry in cutter.feed(chunk) if chunk else cutter.end():
+            self.log_output(level, entry)
+        return bool(chunk)
 
     def finish(self) -> None:
-        """Store the last entries and the final status, retrying while storage fails (the job cannot end
-        in anything but Error then), until the server stops."""
+        """Store the last entries and the final status, retrying while the store fails, until the server
+        stops; then tell the operator."""
         if self.dropped_lines:
             self.log("WARN", f"The log reached its limit of {self.template.max_log_bytes} bytes: "
                              f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output were dropped")
         self.announce_stop()
         status = STATUS_BY_WORST_LEVEL[self.worst]
         delay = 0.5
-        while True:
+        while not self.disowned:
             try:
-                self.store.finish_job(self.job_id, status, self.seq, self.buffer, self.template.secret_names,
-                                      self.started_at)
-                break
-            except sqlite3.Error as error:
+                owned = self.store.finish_job(self.job_id, self.owner, status, self.seq, self.buffer)
+            except StoreError as error:
                 if self.runner.stopping.wait(delay):
-                    log_line(f"job {self.job_id}: could not store its end ({error}); it ends at the next start")
+                    event(logging.ERROR, "job.unfinished", "job end not stored", token=self.job_id,
+                          template=self.template.name, reason=str(error))
                     return
                 delay = min(delay * 2, 5.0)
-        self.seq += len(self.buffer)
-        self.buffer = []
-        self.runner.notify(self.job_id)
+                continue
+            if not owned:
+                self.disowned = True
+                break
+            self.runner.metrics.log_entries.inc(len(self.buffer))
+            self.seq += len(self.buffer)
+            self.buffer = []
+            duration = time.monotonic() - self.started
+            self.runner.metrics.job_finished(self.template.name, status, duration)
+            level = logging.WARNING if status == ERROR else logging.INFO
+            event(level, "job.finished", "job finished", token=self.job_id, template=self.template.name,
+                  status=status, duration=round(duration, 3), **(self.failure if status == ERROR else {}))
+            return
+        event(logging.WARNING, "job.disowned", "job ended by another instance", token=self.job_id,
+              template=self.template.name)
+
+
+@dataclasses.dataclass
+class StepTimers:
+    """The times that decide what happens to a running step: its deadline (and what to say when it passes),
+    when it exited, when its process group is to be killed after a stop, and when it was killed; and what
+    tells, once it exited, whether other processes hold its output open."""
+
+    deadline: float | None
+    why: str
+    exited_at: float | None = None
+    kill_at: float | None = None
+    killed_at: float | None = None
+    quiet: bool = True  # the last poll found nothing to read: the pipes are open but silent
+    read_after_exit: int = 0  # bytes read since the step exited
+
+    def held_open(self) -> bool:
+        """Whether processes other than the step's own hold its output: silent pipes that stay open, or more
+        output than the pipes could have held when it exited (under load a worker may wait a while for its
+        turn to read what was already there)."""
+        return self.quiet or self.read_after_exit > 2 * 65536
 
 
 def signal_group(group: int, signum: int) -> None:
@@ -1411,212 +2288,9 @@ def process_exit_code(process: subprocess.Popen) -> int:
     return 128 + result.si_status
 
 
-class JobRunner:
-    """Runs queued jobs on a pool of worker threads in trigger order, honouring each template's
-    max_concurrent, and wakes whoever waits on a job."""
-
-    def __init__(self, store: JobStore, catalog: TemplateCatalog, workers: int = 4, max_pending: int = 10000):
-        self.store, self.catalog = store, catalog
-        self.workers, self.max_pending = workers, max_pending
-        self.lock = threading.Condition()
-        # Pending jobs by template name: (id, template, variables when small enough to keep, else None).
-        self.queues: dict[str, deque[tuple[int, JobTemplate, dict | None]]] = {}
-        self.pending = 0
-        self.executing: dict[str, int] = {}  # by template name
-        self.running: dict[int, JobExecution] = {}
-        self.accepting = True
-        self.stopping = threading.Event()
-        self.hurry = threading.Event()  # set by a second Ctrl-C: end the shutdown grace now
-        self.watchers: dict[int, list] = {}  # job id -> [Condition, number of waiters]
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        """Resolve what a previous process left behind, queue the Pending jobs, start the workers."""
-        for job_id, version, group in self.store.interrupted_jobs():
-            if group:
-                kill_orphaned_group(group, job_id)
-            self.store.finish_job(
-                job_id, ERROR, self.store.log_count(job_id),
-                [("ERROR", "The server stopped while the job ran (found Executing at restart); it was ended")],
-                self.secret_names(version),
-            )
-        for job_id, version in self.store.unfinished_jobs(PENDING):
-            try:
-                template = self.catalog.version(version)
-            except TemplateError as error:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", f"Its template cannot be loaded: {error}")],
-                                      self.secret_names(version))
-                continue
-            self._enqueue(job_id, template)
-        for number in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"job-worker-{number}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def secret_names(self, version: int) -> list[str]:
-        """The secret variables of a stored template version, read from its definition even where that no
-        longer loads as a template."""
-        variables = json.loads(self.store.template_version(version)[1]).get("variables", {})
-        return [name for name, spec in variables.items() if isinstance(spec, dict) and spec.get("secret") is True]
-
-    # Queue.
-
-    def submit(self, template: JobTemplate, variables: dict[str, str]) -> int:
-        """Commit a new job and queue it; the id is returned only once the job is committed."""
-        with self.lock:
-            if not self.accepting:
-                raise ApiError("The server is shutting down and accepts no new jobs", 503, {"Retry-After": "30"})
-            if self.pending >= self.max_pending:
-                raise ApiError(f"The queue is full ({self.pending} pending jobs); try again later", 503,
-                               {"Retry-After": "5"})
-        return self.store.insert_job(template, variables,
-                                     then=lambda job_id: self._enqueue(job_id, template, variables))
-
-    def _enqueue(self, job_id: int, template: JobTemplate, variables: dict[str, str] | None = None) -> None:
-        """Queue a committed job. Its variables are kept with it when small, so that its worker need not read
-        them back (a call into SQLite costs a hand-off of the GIL under load); else the worker reads them."""
-        if variables is not None and sum(len(name) + len(value) for name, value in variables.items()) > 4096:
-            variables = None  # 10,000 pending jobs must not each hold up to a MiB of variables in memory
-        with self.lock:
-            self.queues.setdefault(template.name, deque()).append((job_id, template, variables))
-            self.pending += 1
-            self.lock.notify()
-
-    def _next_job(self) -> JobExecution | None:
-        """The oldest pending job whose template has room; call with the lock held."""
-        best = None
-        for name, queue in self.queues.items():
-            if queue:
-                job_id, template, _ = entry = queue[0]
-                limit = template.max_concurrent
-                if (limit is None or self.executing.get(name, 0) < limit) and (best is None or job_id < best[0]):
-                    best = entry
-        if best is None:
-            return None
-        job_id, template, variables = best
-        self.queues[template.name].popleft()
-        self.pending -= 1
-        self.executing[template.name] = self.executing.get(template.name, 0) + 1
-        execution = self.running[job_id] = JobExecution(self, job_id, template, variables)
-        return execution
-
-    def _work(self) -> None:
-        while True:
-            with self.lock:
-                execution = None
-                while not self.stopping.is_set() and (execution := self._next_job()) is None:
-                    self.lock.wait()
-                if execution is None:
-                    return
-            retry = False
-            try:
-                # A job taken from the queue is Pending: cancel removes a queued job under the same lock.
-                variables = execution.queued_variables
-                if variables is None:
-                    variables = self.store.pending_variables(execution.job_id)
-                if variables is not None:  # else canceled in the meantime
-                    execution.run(variables)
-            except sqlite3.Error as error:  # could not even read the job: it stays Pending, to run later
-                log_line(f"job {execution.job_id}: could not start it ({error}); it stays Pending")
-                retry = True
-            except Exception:  # keep the worker alive whatever happens
-                traceback.print_exc()
-            finally:
-                with self.lock:
-                    self.executing[execution.template.name] -= 1
-                    del self.running[execution.job_id]
-                    if retry:
-                        self._requeue(execution.job_id, execution.template)
-                    self.lock.notify_all()
-            if retry:
-                self.stopping.wait(1.0)
-
-    def _requeue(self, job_id: int, template: JobTemplate, variables: dict[str, str] | None = None) -> None:
-        """Put a job back in its place in its template's queue; call with the lock held."""
-        queue = self.queues.setdefault(template.name, deque())
-        queue.append((job_id, template, variables))
-        if len(queue) > 1 and queue[-2][0] > job_id:
-            self.queues[template.name] = deque(sorted(queue, key=lambda entry: entry[0]))
-        self.pending += 1
-
-    # Cancel.
-
-    def cancel(self, job_id: int) -> str:
-        """Cancel a Pending or Executing job; it ends in Error. Returns the status after the request."""
-        with self.lock:
-            queued = None
-            for name, queue in self.queues.items():
-                for entry in queue:
-                    if entry[0] == job_id:
-                        queued = (queue, entry)
-                        break
-            if queued:
-                queued[0].remove(queued[1])
-                self.pending -= 1
-            execution = self.running.get(job_id)
-        if queued:
-            try:
-                self.store.finish_job(job_id, ERROR, 0, [("ERROR", "Job canceled")],
-                                      queued[1][1].secret_names)
-            except sqlite3.Error:
-                with self.lock:  # still Pending in the store: it stays queued
-                    self._requeue(*queued[1])
-                raise
-            self.notify(job_id)
-        elif execution is not None:
-            execution.request_stop("Job canceled", graceful=True)
-            self.wait_until(job_id, lambda: self.store.job_status(job_id) in FINAL_STATUSES, CANCEL_GRACE + 5)
-        return self.store.job_status(job_id)
-
-    # Waiting for a job.
-
-    def notify(self, job_id: int) -> None:
-        watch = self.watchers.get(job_id)
-        if watch is not None:
-            with watch[0]:
-                watch[0].notify_all()
-
-    def wait_until(self, job_id: int, condition, timeout: float) -> bool:
-        """Wait until condition() holds, re-checked whenever the job logs or ends, at most timeout seconds."""
-        with self.lock:
-            watch = self.watchers.setdefault(job_id, [threading.Condition(), 0])
-            watch[1] += 1
-        try:
-            deadline = time.monotonic() + timeout
-            with watch[0]:
-                while not (met := condition()):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self.stopping.is_set():
-                        break
-                    watch[0].wait(remaining)
-            return met
-        finally:
-            with self.lock:
-                watch[1] -= 1
-                if not watch[1]:
-                    del self.watchers[job_id]
-
-    # Shutdown.
-
-    def shutdown(self, grace: float) -> None:
-        """Refuse new jobs, give running ones `grace` seconds, then kill them; Pending jobs stay Pending."""
-        with self.lock:
-            self.accepting = False
-            self.stopping.set()
-            self.lock.notify_all()
-            for job_id in list(self.watchers):  # long polls answer now
-                self.notify(job_id)
-            deadline = time.monotonic() + grace
-            while self.running and (remaining := deadline - time.monotonic()) > 0 and not self.hurry.is_set():
-                self.lock.wait(min(remaining, 0.2))
-            for execution in list(self.running.values()):
-                execution.request_stop("Server stopped while the job ran; it was killed", graceful=False)
-        for thread in self.threads:
-            thread.join(timeout=10)
-
-
 def kill_orphaned_group(group: int, job_id: int) -> None:
-    """Kill the process group a crashed server left running for a job, if it is still that job's."""
+    """Kill the process group a dead instance left running for a job, if it is still that job's (its leader's
+    environment names the job), so that a reused pid is never signalled."""
     try:
         environ = Path(f"/proc/{group}/environ").read_bytes()
     except OSError:
@@ -1625,8 +2299,251 @@ def kill_orphaned_group(group: int, job_id: int) -> None:
         signal_group(group, signal.SIGKILL)
 
 
+class JobRunner:
+    """This instance's worker threads: each claims the oldest claimable job from the store and runs it.
+
+    The database is the queue: claiming marks a job Executing for this instance (its identity, new at every
+    start), and the store enforces max_concurrent. The store's events wake idle workers; they also look on
+    their own every second, in case an event was missed. A heartbeat thread renews the instance's lease, ends
+    the jobs of instances whose lease ran out (killing their processes when they ran on this machine), and
+    notices cancels and missed events (JobWatch.recheck)."""
+
+    def __init__(self, store: JobStore, catalog: TemplateCatalog, watch: JobWatch, metrics: Metrics,
+                 settings: Settings = DEFAULTS):
+        self.store, self.catalog, self.watch, self.metrics, self.settings = store, catalog, watch, metrics, settings
+        self.instance = new_instance_id()
+        self.lock = threading.Condition()
+        self.hints = 0  # claims worth trying now, at most one per worker
+        self.running: dict[int, JobExecution] = {}
+        self.accepting = True
+        self.stopping = threading.Event()  # no more claims; waits answer now
+        self.stopped = threading.Event()  # running jobs are done: the heartbeat ends
+        self.hurry = threading.Event()  # set by a second Ctrl-C: end the shutdown grace now
+        self.threads: list[threading.Thread] = []
+        self.lease_renewed = time.monotonic()
+        self.lease_lapsing = False  # this instance stopped its jobs because it could not renew its lease
+        self.pending_count, self.pending_read_at = 0, float("-inf")
+
+    def start(self) -> None:
+        """Register this instance, end what dead instances left Executing, start the workers and the heartbeat."""
+        self.store.register_instance(self.instance, self.settings.lease)
+        self.end_orphaned_jobs()
+        for number in range(self.settings.workers):
+            self._thread(self._work, f"job-worker-{number}")
+        self._thread(self._heartbeat, "heartbeat")
+        self.hint(self.settings.workers)
+
+    def _thread(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def alive(self) -> bool:
+        """Whether every worker and the heartbeat still run (they catch everything, so they should)."""
+        return bool(self.threads) and all(thread.is_alive() for thread in self.threads)
+
+    # Events from the store.
+
+    def on_event(self, happening: StoreEvent) -> None:
+        if happening.kind == "work":
+            self.hint()
+        elif happening.kind == "cancel":
+            self.stop_if_running(happening.job_id, "Job canceled", cause="cancel")
+        elif happening.kind == "resync":
+            self.hint(self.settings.workers)
+
+    def hint(self, count: int = 1) -> None:
+        with self.lock:
+            self.hints = min(self.hints + count, self.settings.workers)
+            self.lock.notify(count)
+
+    # Triggering.
+
+    def submit(self, template: JobTemplate, variables: dict[str, str]) -> int:
+        """Commit a new job (the store's event wakes a worker); its id is returned only once it is committed."""
+        if not self.accepting:
+            raise NotAccepting("The server is shutting down and accepts no new jobs", retry_after=30)
+        pending = self.pending_estimate()
+        if pending >= self.settings.max_pending:
+            raise NotAccepting(f"The queue is full ({pending} pending jobs); try again later", retry_after=5)
+        job_id = self.store.insert_job(template, variables)
+        self.pending_count += 1
+        return job_id
+
+    def pending_estimate(self) -> int:
+        """The Pending jobs, read from the store at most once a second and counted on between reads."""
+        if time.monotonic() - self.pending_read_at > 1.0:
+            self.pending_count, self.pending_read_at = self.store.count_jobs(PENDING), time.monotonic()
+        return self.pending_count
+
+    # Workers.
+
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                if not self.hints:
+                    self.lock.wait(1.0)  # a hint, or a look of its own now and then
+                self.hints = max(0, self.hints - 1)
+            if self.stopping.is_set() or self.lease_lapsing:
+                continue
+            try:
+                claim = self.store.claim_job(self.instance)
+            except StoreError:
+                self.stopping.wait(1.0)  # the store's own event tells the operator
+                continue
+            except Exception:
+                traceback.print_exc()
+                continue
+            if claim is not None:
+                self.pending_count = max(0, self.pending_count - 1)
+                self.hint()  # more may be claimable: another worker looks
+                self._run(claim, self.instance)
+
+    def _run(self, claim: Claim, owner: str) -> None:
+        """Run a claimed job to its end; a job whose template version no longer loads ends in Error."""
+        try:
+            template = self.catalog.version(claim.template_version)
+        except (TemplateError, StoreError, ValueError) as error:
+            self._refuse_claim(claim, owner, f"Its template cannot be loaded: {error}")
+            return
+        execution = JobExecution(self, claim, template, owner)
+        with self.lock:
+            self.running[claim.id] = execution
+        try:
+            event(logging.INFO, "job.started", "job started", token=claim.id, template=template.name,
+                  instance=owner)
+            execution.run()
+        except Exception:  # keep the worker alive whatever happens
+            traceback.print_exc()
+        finally:
+            with self.lock:
+                del self.running[claim.id]
+
+    def _refuse_claim(self, claim: Claim, owner: str, reason: str) -> None:
+        try:
+            self.store.finish_job(claim.id, owner, ERROR, 0, [("ERROR", reason)])
+        except StoreError:
+            pass  # it stays Executing under this instance: ended when this instance's lease ends
+        event(logging.WARNING, "job.finished", "job finished", token=claim.id, status=ERROR, reason=reason)
+
+    # Cancel.
+
+    def cancel(self, job_id: int) -> str | None:
+        """Cancel a Pending or Executing job, on whichever instance runs it; it ends in Error. Returns the
+        status after the request (waiting for an executing job to end), None for no such job."""
+        outcome = self.store.cancel_job(job_id)
+        if outcome == "canceled":
+            self.pending_count = max(0, self.pending_count - 1)
+        elif outcome == "requested":
+            self.stop_if_running(job_id, "Job canceled", cause="cancel")
+            self.watch.wait(job_id, Progress(EXECUTING, 0), lambda progress: progress.status in FINAL_STATUSES,
+                            self.settings.cancel_grace + 5)
+        return self.store.job_status(job_id)
+
+    def stop_if_running(self, job_id: int, reason: str, cause: str) -> None:
+        execution = self.running.get(job_id)
+        if execution is not None:
+            execution.request_stop(reason, graceful=cause == "cancel", cause=cause)
+
+    # The heartbeat: lease, orphans, cancels, missed events.
+
+    def _heartbeat(self) -> None:
+        lease = self.settings.lease
+        next_renewal = time.monotonic() + lease / 4
+        next_sweep = time.monotonic() + lease / 2
+        while not self.stopped.wait(RECHECK_SECONDS):
+            try:
+                now = time.monotonic()
+                if now >= next_renewal:
+                    next_renewal = now + lease / 4
+                    self.renew_lease()
+                if now >= next_sweep:
+                    next_sweep = now + lease / 2
+                    self.end_orphaned_jobs()
+                if self.running:
+                    for job_id in self.store.cancel_requests(self.instance):
+                        self.stop_if_running(job_id, "Job canceled", cause="cancel")
+                self.watch.recheck()
+            except StoreError:
+                pass  # told by the store's own event; tried again at the next beat
+            except Exception:
+                traceback.print_exc()
+
+    def renew_lease(self) -> None:
+        """Renew the lease. When the store cannot be reached for most of a lease, stop this instance's jobs
+        before the lease runs out (others will end them); when the lease has run out, start again as a new
+        instance."""
+        asked_at = time.monotonic()
+        try:
+            renewed = self.store.renew_lease(self.instance, self.settings.lease)
+        except StoreError as error:
+            if asked_at - self.lease_renewed > self.settings.lease * 0.75 and not self.lease_lapsing:
+                self.lease_lapsing = True
+                self.stop_all(f"The instance running the job could not reach the job store for "
+                              f"{asked_at - self.lease_renewed:.0f} s ({error}); the job was stopped before the "
+                              "instance's lease ran out", cause="lease")
+            raise
+        if renewed:
+            self.lease_renewed, self.lease_lapsing = asked_at, False
+            return
+        old = self.instance
+        self.stop_all("The instance running the job lost its lease; the job was stopped", cause="lease")
+        self.instance = new_instance_id()
+        self.store.register_instance(self.instance, self.settings.lease)
+        self.lease_renewed, self.lease_lapsing = asked_at, False
+        event(logging.WARNING, "instance.lease_lost", "lease ran out; serving as a new instance", old=old,
+              instance=self.instance)
+
+    def end_orphaned_jobs(self) -> None:
+        """End in Error the Executing jobs of instances whose lease ran out, killing their processes where
+        they ran on this machine."""
+        here = boot_id()
+        for job_id, owner, group, owner_boot in self.store.orphaned_jobs():
+            if group and owner_boot in (here, None):
+                kill_orphaned_group(group, job_id)
+            message = f"The server stopped while the job ran (instance {owner} stopped renewing its lease); the job was ended"
+            if self.store.end_orphaned_job(job_id, owner, message):
+                event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
+                      reason="its instance stopped", instance=owner)
+        self.store.forget_instances(older_than=86400)
+
+    # Shutdown.
+
+    def stop_all(self, reason: str, cause: str) -> None:
+        for execution in list(self.running.values()):
+            execution.request_stop(reason, graceful=False, cause=cause)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop claiming, answer waits, give running jobs `grace` seconds, then kill them; Pending jobs stay
+        Pending, for this instance's next start or for the others."""
+        self.accepting = False
+        self.stopping.set()
+        self.watch.close()
+        with self.lock:
+            self.lock.notify_all()
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline and not self.hurry.is_set():
+            time.sleep(0.05)
+        self.stop_all("Server stopped while the job ran; it was killed", cause="shutdown")
+        for thread in self.threads:
+            if thread.name != "heartbeat":
+                thread.join(timeout=10)
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        if not self.running:
+            try:
+                self.store.end_lease(self.instance)
+            except StoreError:
+                pass  # the lease runs out by itself
+
+
+def new_instance_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 class Maintenance:
-    """Background upkeep: prunes old finished jobs and reloads templates.toml when it changes."""
+    """Background upkeep: reloads templates.toml when it changes, and prunes old finished jobs."""
 
     def __init__(self, store: JobStore, catalog: TemplateCatalog, keep_days: float, stopping: threading.Event):
         self.store, self.catalog, self.keep_days, self.stopping = store, catalog, keep_days, stopping
@@ -1643,15 +2560,246 @@ class Maintenance:
                 self.catalog.reload_if_changed()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + self.prune_every
-                    deleted = self.store.prune_finished(time.time() - self.keep_days * 86400, self.stopping)
+                    deleted = self.store.prune_finished(self.keep_days, self.stopping)
                     if deleted:
-                        log_line(f"pruned {deleted} finished jobs older than {self.keep_days:g} days")
+                        event(logging.INFO, "jobs.pruned", "pruned finished jobs", count=deleted,
+                              older_than_days=self.keep_days)
+            except StoreError:
+                pass  # the store's own event tells the operator; tried again later
             except Exception as error:
-                log_line(f"maintenance failed, will try again: {error!r}")
+                event(logging.ERROR, "maintenance.failed", "maintenance failed, will try again", reason=repr(error))
+
+#
+# Request guard: the rules every request passes before its view runs, for the sake of browsers.
+#
+# Any web page a user visits can make their browser send requests here, so the guard checks three things,
+# in this order: the Host header (a DNS-rebinding page reaches 127.0.0.1 under a name of its own), where a
+# browser says a request comes from (Fetch Metadata, then Origin, then Referer: a request from another site
+# may not change anything, nor read anything but by a top-level navigation), and, in the views, the wrong
+# keys an address has tried. A request with none of those browser headers (curl, scripts, other tools) passes
+# the cross-site rule as it always did.
+#
+
+
+def split_host(value: str) -> tuple[str, str] | None:
+    """(name, port) of a Host header, the name in lower case without a trailing dot; None when malformed."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1:]
+        if rest and not rest.startswith(":"):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":")
+    if (port and not (port.isascii() and port.isdigit() and len(port) <= 5)) or not name:
+        return None
+    return name.lower().removesuffix("."), port
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class RateLimitedLog:
+    """Logs an event at most once a minute per key (an origin, a host name), remembering a bounded number."""
+
+    def __init__(self, every: float = 60.0, capacity: int = 1024):
+        self.every, self.capacity = every, capacity
+        self.last: OrderedDict[str, float] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __call__(self, key: str, level: int, name: str, message: str, **fields) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last.get(key, float("-inf")) < self.every:
+                return
+            self.last[key] = now
+            self.last.move_to_end(key)
+            while len(self.last) > self.capacity:
+                self.last.popitem(last=False)
+        event(level, name, message, **fields)
+
+
+class KeyThrottle:
+    """Counts wrong keys per client address over a sliding minute. An address with more than `limit` in the
+    last minute is refused (429) until the oldest of them is a minute old. At most `capacity` addresses are
+    remembered (the least recent are forgotten first), so a flood from many addresses cannot grow it."""
+
+    def __init__(self, limit: int = DEFAULTS.key_failures, window: float = 60.0, capacity: int = 4096):
+        self.limit, self.window, self.capacity = limit, window, capacity
+        self.failures: OrderedDict[str, list[float]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def retry_after(self, address: str) -> int:
+        """Seconds this address must wait before its next keyed request, 0 when it need not."""
+        with self.lock:
+            times = self.failures.get(address)
+            if not times or len(times) <= self.limit:
+                return 0
+            wait = times[0] + self.window - time.monotonic()
+            return max(1, int(wait + 0.999)) if wait > 0 else 0
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            times = self.failures.pop(address, [])
+            times = [t for t in times if now - t < self.window][-self.limit:] + [now]
+            self.failures[address] = times  # now the most recent address
+            while len(self.failures) > self.capacity:
+                self.failures.popitem(last=False)
+
+
+class RequestGuard:
+    """The Host rule, the cross-site rule and the key throttle, and the headers every response carries."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.metrics = metrics
+        self.any_host = "*" in settings.allowed_hosts
+        names = [name.lower().removesuffix(".") for name in settings.allowed_hosts if name != "*"]
+        self.host_names = {name for name in names if not name.startswith(".")} | {
+            name.lower().removesuffix(".") for name in settings.public_names}
+        self.host_suffixes = tuple(name for name in names if name.startswith("."))
+        self.origins = frozenset(origin.lower() for origin in settings.allow_origins)
+        self.throttle = KeyThrottle(settings.key_failures)
+        self.refusals = RateLimitedLog()
+
+    # Before the view.
+
+    def check(self, changes_state: bool) -> None:
+        """Refuse (ApiError) a request that breaks the Host or the cross-site rule."""
+        own = self.checked_host()
+        if problem := self.cross_site_problem(own, changes_state):
+            self.refuse("cross-site", request.headers.get("Origin") or "no-origin", problem)
+
+    def checked_host(self) -> str:
+        """The request's Host (name[:port], in lower case), once it is admitted."""
+        raw = request.environ.get("HTTP_HOST", "")
+        if not raw.strip():
+            raise ApiError("Missing Host header", 400)
+        if "," in raw:  # waitress joins a repeated header's values with ", "
+            raise ApiError("Repeated Host header", 400)
+        parts = split_host(raw.strip())
+        if parts is None:
+            raise ApiError("Malformed Host header", 400)
+        name, port = parts
+        if not (self.any_host or self.host_allowed(name)):
+            self.refuse("host", name, f"Host name {shown(name)} is not allowed (a DNS rebinding attack looks like"
+                                      " this): start app.py with --allowed-host NAME to serve a name of yours")
+        return authority(name, port)
+
+    def host_allowed(self, name: str) -> bool:
+        if name == "localhost" or name.endswith(".localhost") or name in self.host_names:
+            return True
+        if is_ip_literal(name):  # IPv4 in dotted-quad form, or IPv6 (split_host took its brackets off)
+            return True
+        return any(name == suffix[1:] or name.endswith(suffix) for suffix in self.host_suffixes)
+
+    def cross_site_problem(self, own: str, changes_state: bool) -> str | None:
+        """Why a browser's request from another site is refused, or None. A request that changes nothing may
+        come from elsewhere as a top-level navigation (the user sees the answer; the other site does not)."""
+        headers = request.headers
+        origin = headers.get("Origin")
+        if origin is not None and origin.lower() in self.origins:
+            return None
+        mode, destination = headers.get("Sec-Fetch-Mode"), headers.get("Sec-Fetch-Dest")
+        if not changes_state and mode == "navigate" and destination in (None, "document"):
+            return None
+        site = headers.get("Sec-Fetch-Site")
+        what = "changes" if changes_state else "reads"
+        advice = "start app.py with --allow-origin ORIGIN to admit a page of yours that posts here"
+        if site is not None:
+            if site in ("same-origin", "none"):
+                return None
+            return f"Cross-site request refused: a page of another site ({site}) {what} jobs here; {advice}"
+        if origin is not None:
+            if origin != "null" and origin_authority(origin) == own:
+                return None
+            return f"Cross-origin request refused: a page of {shown(origin)} {what} jobs here; {advice}"
+        referer = headers.get("Referer")
+        if referer:
+            referer_origin = origin_of(referer)
+            if referer_origin.lower() in self.origins or origin_authority(referer_origin) == own:
+                return None
+            return f"Cross-origin request refused: a page of {shown(referer_origin)} {what} jobs here; {advice}"
+        return None
+
+    def refuse(self, rule: str, key: str, message: str) -> None:
+        self.metrics.refused.labels(rule).inc()
+        self.refusals(f"{rule} {key}", logging.WARNING, "request.refused", "request refused", rule=rule,
+                      source=key[:100], path=request.path[:100], client=request.remote_addr)
+        raise ApiError(message, 403)
+
+    # In the views.
+
+    def authorize(self, given: str | None, digest: str) -> None:
+        """Check a key against a template's (or job's) key digest: KeyRefused when it is missing or wrong, 429
+        while the client's address has tried too many wrong keys (even with the right one now)."""
+        if not digest:
+            return
+        address = request.remote_addr or "-"
+        if wait := self.throttle.retry_after(address):
+            self.metrics.refused.labels("key-throttle").inc()
+            self.refusals(f"throttle {address}", logging.WARNING, "request.refused", "request refused",
+                          rule="key-throttle", client=address)
+            raise ApiError(f"Too many wrong keys from this address; try again in {wait} s", 429,
+                           {"Retry-After": str(wait)})
+        if problem := key_problem(given, digest):
+            if given:
+                self.throttle.failed(address)
+            raise KeyRefused(problem)
+
+    # After the view.
+
+    @staticmethod
+    def secure(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+        for name in [name for name in response.headers.keys() if name.lower().startswith("access-control-")]:
+            del response.headers[name]
+        return response
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of a URL (a Referer), without its path and query."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.scheme and parts.netloc else "null"
+
+
+def origin_authority(origin: str) -> str | None:
+    """The host[:port] of an origin, as a Host header names it (lower case), or None."""
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    split = split_host(parts.netloc.rpartition("@")[2])
+    if split is None:
+        return None
+    return authority(*split)
+
+
+def authority(name: str, port: str) -> str:
+    """host[:port] as a Host header writes it, an IPv6 address in brackets."""
+    name = f"[{name}]" if ":" in name else name
+    return f"{name}:{port}" if port else name
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why an --allow-origin value is not an exact origin (scheme://host[:port]), or None."""
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or origin != f"{parts.scheme}://{parts.netloc}":
+        return "must be an origin: scheme://host[:port], with no path, such as https://intranet.example"
+    if split_host(parts.netloc) is None or "@" in parts.netloc:
+        return "has a malformed host or port"
+    return None
 
 
 #
-# Web application.
+# Request parameters: the query string and the body, checked once.
 #
 
 
@@ -1772,166 +2920,276 @@ def check_value(name: str, value: str) -> None:
         raise ApiError(f"Parameter {shown(name)} {problem}")
 
 
-def resolve_variables(template: JobTemplate, given: list[tuple[str, str]]) -> dict[str, str]:
-    """The job's variables: the template's defaults overridden by the request, every rule checked."""
-    if len(given) > MAX_VARIABLES:
-        raise ApiError(f"Too many variables: at most {MAX_VARIABLES}")
-    values = {v.name: v.default for v in template.variables.values()}
-    for raw_name, value in given:
-        name = raw_name.removeprefix("$")
-        problem = variable_name_problem(name)
-        if problem:
-            raise ApiError(f"Variable {shown(name)} {problem}")
-        declared = template.variables.get(name.lower())
-        if declared is None:
-            if not template.allow_new_variables:
-                raise ApiError(f"Variable {name} is not declared by template {template.name}")
-            values[name] = value
-        else:
-            declared.check(value)
-            values[declared.name] = value
-    for variable in template.variables.values():
-        if variable.required and not values[variable.name]:
-            raise ApiError(f"Variable {variable.name} is required")
-    return values
 
 
-def shutdown_app(app: Flask, grace: float) -> None:
-    """Stop what create_app started: no new jobs, running ones get `grace` seconds, then the store closes."""
-    app.extensions["job_runner"].shutdown(grace)
-    app.extensions["job_maintenance"].thread.join(timeout=10)
-    app.extensions["job_store"].close()
+#
+# API views: the Otter endpoints and their extensions.
+#
+
+
+@dataclasses.dataclass
+class Services:
+    """What the views need, found in app.extensions["jobserver"]."""
+
+    settings: Settings
+    store: JobStore
+    catalog: TemplateCatalog
+    watch: JobWatch
+    runner: JobRunner
+    metrics: Metrics
+    guard: RequestGuard
+    maintenance: Maintenance
+
+
+def services() -> Services:
+    return current_app.extensions["jobserver"]
+
+
+def changes_state(view):
+    """Mark a view that changes jobs whatever its method: a browser may send it only from this server's pages."""
+    view.changes_state = True
+    return view
 
 
 def text_response(body, status: int = 200, headers: dict | None = None) -> Response:
     return Response(body, status=status, headers=headers, mimetype="text/plain")
 
 
-def create_app(config: dict | None = None) -> Flask:
-    """The Flask application, with its store, templates and runner (started) in app.extensions."""
-    app = Flask(__name__)
-    app.url_map.merge_slashes = False  # /api//jobs/trigger is a 404 like any unknown path, not a redirect
-    app.config.from_mapping(
-        DATABASE=str(HERE / "jobs.db"),
-        TEMPLATES=str(HERE / "templates.toml"),
-        WORKERS=4,
-        MAX_BODY=1024 * 1024,
-        MAX_PENDING=10000,
-        KEEP_DAYS=30.0,
-    )
-    app.config.update(config or {})
-    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]
+def trigger_job(template: JobTemplate, variables: dict[str, str], via: str) -> int:
+    """Commit a job of the template (whose key and variables were checked) and tell the operator."""
+    site = services()
+    token = site.runner.submit(template, variables)
+    site.metrics.job_triggered(template.name, via)
+    event(logging.INFO, "job.triggered", "job triggered", token=token, template=template.name,
+          client=request.remote_addr, via=via)
+    return token
 
-    store = JobStore(app.config["DATABASE"])
+
+def find_job(params: RequestParameters) -> JobRecord:
+    """The job a status, logs or cancel request names, once its key is checked."""
+    token = params.api.get("token")
+    if not token:
+        raise ApiError("Missing parameter: token")
+    job_id = parse_token(token)
+    site = services()
+    job = site.store.get_job(job_id)
+    if job is None:
+        raise ApiError(f"No job has the token {job_id}")
+    site.guard.authorize(params.key, job.key_digest)
+    return job
+
+
+def parse_token(token: str) -> int:
+    if not (token.isascii() and token.isdigit() and len(token) <= 18):
+        raise ApiError("Invalid token: a job token is a whole number")
+    return int(token)
+
+
+api = Blueprint("api", __name__)
+
+
+@api.route("/api/jobs/trigger", methods=["GET", "POST"])
+@changes_state
+def trigger():
+    params = RequestParameters.from_request(TRIGGER_PARAMETERS)
+    name = params.api.get("template")
+    if not name:
+        raise ApiError("Missing parameter: template")
+    template = services().catalog.get(name)
+    if template is None:
+        raise ApiError(f"No template named {shown(name)}", 404)
+    if not template.api:
+        raise ApiError(f"Template {template.name} does not allow API use", 403)
+    services().guard.authorize(params.key, template.key_digest)
+    variables = resolve_variables(template, params.variables)
+    return text_response(str(trigger_job(template, variables, via="api")))
+
+
+@api.route("/api/jobs/status", methods=["GET", "POST"])
+def status():
+    params = RequestParameters.from_request(JOB_PARAMETERS)
+    job = find_job(params)
+    wait = params.number("wait", float, MAX_WAIT_SECONDS)
+    progress = Progress(job.status, job.log_count)
+    if wait:
+        progress = services().watch.wait(job.id, progress, lambda now: now.status in FINAL_STATUSES, wait)
+    return text_response(progress.status)
+
+
+@api.route("/api/jobs/logs", methods=["GET", "POST"])
+def logs():
+    params = RequestParameters.from_request(JOB_PARAMETERS)
+    job = find_job(params)
+    offset = params.number("offset", int) or 0
+    wait = params.number("wait", float, MAX_WAIT_SECONDS)
+    progress = Progress(job.status, job.log_count)
+    if wait:
+        progress = services().watch.wait(
+            job.id, progress, lambda now: now.count > offset or now.status in FINAL_STATUSES, wait)
+    complete = progress.status in FINAL_STATUSES
+    headers = {"X-Log-Offset": str(max(progress.count, offset)), "X-Job-Complete": str(complete).lower()}
+    return text_response(services().store.read_logs(job.id, offset, progress.count), headers=headers)
+
+
+@api.route("/api/jobs/cancel", methods=["GET", "POST"])
+@changes_state
+def cancel():
+    job = find_job(RequestParameters.from_request(JOB_PARAMETERS))
+    return text_response(services().runner.cancel(job.id))
+
+
+@api.route("/api/templates", methods=["GET", "POST"])
+def templates():
+    summaries = [template_summary(t) for t in services().catalog.api_templates()]
+    return Response(json.dumps(summaries, indent=2) + "\n", mimetype="application/json")
+
+
+@api.route("/healthz")
+def healthz():
+    """200 ok when the store answers a read, its last write did not fail and the workers run; else 503 and
+    why. Reads only: a load balancer may ask often."""
+    site = services()
+    problem = None
+    if not site.runner.accepting:
+        problem = "shutting down"
+    elif not site.runner.alive():
+        problem = "the job workers have stopped"
+    else:
+        try:
+            site.store.ping()
+        except StoreError as error:
+            problem = f"the job store cannot be read: {error}"
+        else:
+            if site.store.write_failure:
+                problem = f"the job store cannot be written: {site.store.write_failure}"
+    if problem:
+        return text_response(problem, 503, {"Retry-After": "5"})
+    return text_response("ok")
+
+
+@api.route("/metrics")
+def metrics():
+    body, content_type = services().metrics.exposition()
+    return Response(body, content_type=content_type)
+
+#
+# Web pages.
+#
+
+pages = Blueprint("pages", __name__)
+
+
+def not_found_page():
+    return text_response("Not found", 404)
+
+
+#
+# Application: create_app wires the parts together; the guard and the error handlers wrap every view.
+#
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """The Flask application, its store, templates and runner (started) in app.extensions["jobserver"].
+    config holds Settings fields as upper-case keys (DATABASE, TEMPLATES, WORKERS, ...)."""
+    settings = Settings.from_config(config)
+    app = Flask(__name__, template_folder=str(WEB_PATH), static_folder=str(WEB_PATH / "static"),
+                static_url_path="/static")
+    app.url_map.merge_slashes = False  # /api//jobs/trigger is a 404 like any unknown path, not a redirect
+    app.url_map.strict_slashes = False
+    app.config.update({field.name.upper(): getattr(settings, field.name) for field in dataclasses.fields(settings)})
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+
+    metrics = Metrics()
+    store = open_store(settings.database, settings)
     try:
-        catalog = TemplateCatalog(app.config["TEMPLATES"], store)
-        runner = JobRunner(store, catalog, app.config["WORKERS"], app.config["MAX_PENDING"])
+        catalog = TemplateCatalog(settings.templates, store)
+        watch = JobWatch(store, settings.max_followers)
+        runner = JobRunner(store, catalog, watch, metrics, settings)
+
+        def on_store_event(happening: StoreEvent) -> None:
+            if happening.progress is not None:
+                watch.update(happening.job_id, happening.progress)
+            runner.on_event(happening)
+
+        store.listener = on_store_event
         runner.start()
     except BaseException:
         store.close()
         raise
-    maintenance = Maintenance(store, catalog, app.config["KEEP_DAYS"], runner.stopping)
+    metrics.template_names = catalog.names
+    metrics.observe_live(LiveFigures(store, runner, watch))
+    maintenance = Maintenance(store, catalog, settings.keep_days, runner.stopping)
     maintenance.start()
-    app.extensions.update(job_store=store, job_templates=catalog, job_runner=runner, job_maintenance=maintenance)
-
-    def find_job(params: RequestParameters) -> JobRecord:
-        """The job a status, logs or cancel request names, once its key is checked."""
-        token = params.api.get("token")
-        if not token:
-            raise ApiError("Missing parameter: token")
-        if not (token.isascii() and token.isdigit() and len(token) <= 18):
-            raise ApiError("Invalid token: a job token is a whole number")
-        job = store.get_job(int(token))
-        if job is None:
-            raise ApiError(f"No job has the token {int(token)}")
-        check_key(params.key, job.key_digest)
-        return job
-
-    @app.before_request
-    def get_and_post_only():
-        # Flask would answer HEAD (and so trigger or cancel a job for a client that never sees the answer)
-        # and OPTIONS on its own; the job endpoints take GET and POST only.
-        if request.path.startswith("/api/jobs/") and request.method not in ("GET", "POST"):
-            raise ApiError(f"Method {request.method} is not allowed here: use GET or POST", 405,
-                           {"Allow": "GET, POST"})
-
-    @app.route("/api/jobs/trigger", methods=["GET", "POST"])
-    def trigger():
-        params = RequestParameters.from_request(TRIGGER_PARAMETERS)
-        name = params.api.get("template")
-        if not name:
-            raise ApiError("Missing parameter: template")
-        template = catalog.get(name)
-        if template is None:
-            raise ApiError(f"No template named {shown(name)}", 404)
-        if not template.api:
-            raise ApiError(f"Template {template.name} does not allow API use", 403)
-        check_key(params.key, template.key_digest)
-        variables = resolve_variables(template, params.variables)
-        return text_response(str(runner.submit(template, variables)))
-
-    @app.route("/api/jobs/status", methods=["GET", "POST"])
-    def status():
-        params = RequestParameters.from_request(JOB_PARAMETERS)
-        job = find_job(params)
-        wait = params.number("wait", float, MAX_WAIT_SECONDS)
-        if not wait or job.status in FINAL_STATUSES:
-            return text_response(job.status)
-        runner.wait_until(job.id, lambda: store.job_status(job.id) in FINAL_STATUSES, wait)
-        return text_response(store.job_status(job.id))
-
-    @app.route("/api/jobs/logs", methods=["GET", "POST"])
-    def logs():
-        params = RequestParameters.from_request(JOB_PARAMETERS)
-        job = find_job(params)
-        offset = params.number("offset", int) or 0
-        wait = params.number("wait", float, MAX_WAIT_SECONDS)
-        status, count = job.status, job.log_count
-        if wait and count <= offset and status not in FINAL_STATUSES:
-
-            def progressed() -> bool:
-                nonlocal status, count
-                status, count = store.job_progress(job.id)
-                return count > offset or status in FINAL_STATUSES
-
-            runner.wait_until(job.id, progressed, wait)
-        headers = {"X-Log-Offset": str(max(count, offset)), "X-Job-Complete": str(status in FINAL_STATUSES).lower()}
-        return text_response(store.read_logs(job.id, offset, count), headers=headers)
-
-    @app.route("/api/jobs/cancel", methods=["GET", "POST"])
-    def cancel():
-        job = find_job(RequestParameters.from_request(JOB_PARAMETERS))
-        return text_response(runner.cancel(job.id))
-
-    @app.route("/api/templates", methods=["GET", "POST"])
-    def templates():
-        summaries = [template_summary(t) for t in catalog.api_templates()]
-        return Response(json.dumps(summaries, indent=2) + "\n", mimetype="application/json")
-
-    @app.errorhandler(ApiError)
-    def api_error(error: ApiError):
-        return text_response(error.message, error.status, error.headers)
-
-    @app.errorhandler(sqlite3.Error)
-    def storage_error(error: sqlite3.Error):
-        return text_response(f"The job store is unavailable ({error}); try again later", 503, {"Retry-After": "5"})
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        reasons = {
-            404: "Not found: the endpoints are /api/jobs/trigger, /api/jobs/status, /api/jobs/logs,"
-                 " /api/jobs/cancel and /api/templates",
-            413: f"The request body is larger than {app.config['MAX_BODY']} bytes",
-        }
-        headers = {name: value for name, value in error.get_headers() if name.lower() == "allow"}
-        return text_response(reasons.get(error.code, f"{error.code} {error.name}"), error.code, headers)
-
-    @app.errorhandler(Exception)
-    def unexpected_error(error: Exception):
-        traceback.print_exc()
-        return text_response("Internal server error", 500)
-
+    app.extensions["jobserver"] = Services(settings, store, catalog, watch, runner, metrics,
+                                           RequestGuard(settings, metrics), maintenance)
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+    app.before_request(guard_request)
+    app.after_request(finish_response)
+    app.register_error_handler(ApiError, api_error)
+    app.register_error_handler(Refused, refused)
+    app.register_error_handler(StoreError, store_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected_error)
     return app
+
+
+def shutdown_app(app: Flask, grace: float) -> None:
+    """Stop what create_app started: no new jobs, running ones get `grace` seconds, then the store closes."""
+    site = app.extensions["jobserver"]
+    site.runner.shutdown(grace)
+    site.maintenance.thread.join(timeout=10)
+    site.store.close()
+
+
+def guard_request():
+    # Flask would answer HEAD (and so trigger or cancel a job for a client that never sees the answer)
+    # and OPTIONS on its own; the job endpoints take GET and POST only.
+    view = current_app.view_functions.get(request.endpoint)
+    state_changing = getattr(view, "changes_state", False) or (
+        request.blueprint == "pages" and request.method not in ("GET", "HEAD"))
+    services().guard.check(state_changing)
+    if request.path.startswith("/api/jobs/") and request.method not in ("GET", "POST"):
+        raise ApiError(f"Method {request.method} is not allowed here: use GET or POST", 405, {"Allow": "GET, POST"})
+
+
+def finish_response(response: Response) -> Response:
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    services().metrics.http_requests.labels(rule, str(response.status_code)).inc()
+    return RequestGuard.secure(response)
+
+
+REFUSAL_STATUS = {BadValue: 400, KeyRefused: 403, NotAccepting: 503}
+
+
+def api_error(error: ApiError):
+    return text_response(error.message, error.status, error.headers)
+
+
+def refused(error: Refused):
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return text_response(error.message, REFUSAL_STATUS.get(type(error), 400), headers)
+
+
+def store_error(error: StoreError):
+    return text_response(f"The job store is unavailable ({error}); try again later", 503, {"Retry-After": "5"})
+
+
+def http_error(error: HTTPException):
+    if error.code == 404 and not (request.path + "/").startswith("/api/"):
+        return not_found_page()
+    reasons = {
+        404: "Not found: the endpoints are /api/jobs/trigger, /api/jobs/status, /api/jobs/logs,"
+             " /api/jobs/cancel and /api/templates",
+        413: f"The request body is larger than {current_app.config['MAX_BODY']} bytes",
+    }
+    headers = {name: value for name, value in error.get_headers() if name.lower() == "allow"}
+    return text_response(reasons.get(error.code, f"{error.code} {error.name}"), error.code, headers)
+
+
+def unexpected_error(error: Exception):
+    traceback.print_exc()
+    return text_response("Internal server error", 500)
 
 
 #
@@ -1939,20 +3197,59 @@ def create_app(config: dict | None = None) -> Flask:
 #
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An option parser whose errors are one line on stderr (and exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"app.py: error: {message} (see app.py --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="app.py", description="Serve Otter's Job Orchestration API for the jobs of a templates.toml."
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on, 0 for any free one (default: %(default)s)")
-    parser.add_argument("--templates", default=str(HERE / "templates.toml"), help="job templates file (default: templates.toml beside app.py)")
-    parser.add_argument("--db", default=str(HERE / "jobs.db"), help="SQLite database file (default: jobs.db beside app.py)")
-    parser.add_argument("--workers", type=positive_int, default=4, help="jobs run at once (default: %(default)s)")
-    parser.add_argument("--http-threads", type=positive_int, default=16, help="threads answering HTTP requests (default: %(default)s)")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get to finish at shutdown (default: %(default)s)")
-    parser.add_argument("--max-body", type=positive_int, default=1024 * 1024, help="largest request body in bytes (default: 1 MiB)")
-    parser.add_argument("--max-pending", type=positive_int, default=10000, help="most Pending jobs before triggers get 503 (default: %(default)s)")
-    parser.add_argument("--keep-days", type=float, default=30.0, help="days finished jobs and their logs are kept (default: %(default)s)")
+    d = DEFAULTS
+    parser = OneLineParser(prog="app.py",
+                           description="Serve Otter's Job Orchestration API for the jobs of a templates.toml.")
+    option = parser.add_argument
+    option("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
+    option("--port", type=port_number, default=8080, help="port, 0 for any free one (default: %(default)s)")
+    option("--reuse-port", action="store_true",
+           help="share the port with other instances on this host (SO_REUSEPORT): the kernel spreads connections")
+    option("--templates", default=d.templates, help="job templates file (default: templates.toml beside app.py)")
+    option("--db", default=os.environ.get("JOBSERVER_DB", d.database),
+           help="a SQLite file, or a postgresql:// URL shared by several instances (default: $JOBSERVER_DB, "
+                "else jobs.db beside app.py)")
+    option("--workers", type=positive_int, default=d.workers, help="jobs run at once (default: %(default)s)")
+    option("--http-threads", type=positive_int, default=d.http_threads,
+           help="threads answering ordinary requests (default: %(default)s)")
+    option("--max-followers", type=positive_int, default=d.max_followers,
+           help="requests held by wait at once, a thread each; more are answered at once (default: %(default)s)")
+    option("--max-connections", type=positive_int, default=d.max_connections,
+           help="open HTTP connections (default: %(default)s)")
+    option("--idle-timeout", type=positive_number, default=d.idle_timeout,
+           help="seconds before a silent connection is closed (default: %(default)s)")
+    option("--grace", type=non_negative_number, default=d.grace,
+           help="seconds running jobs get to finish at shutdown (default: %(default)s)")
+    option("--cancel-grace", type=non_negative_number, default=d.cancel_grace,
+           help="seconds between SIGTERM and SIGKILL when a job is canceled (default: %(default)s)")
+    option("--busy-timeout", type=positive_number, default=d.busy_timeout,
+           help="seconds a write waits for the database before it fails with 503 (default: %(default)s)")
+    option("--max-body", type=positive_int, default=d.max_body, help="largest request body in bytes (default: 1 MiB)")
+    option("--max-pending", type=positive_int, default=d.max_pending,
+           help="most Pending jobs before triggers get 503 (default: %(default)s)")
+    option("--keep-days", type=positive_number, default=d.keep_days,
+           help="days finished jobs and their logs are kept (default: %(default)s)")
+    option("--lease", type=positive_number, default=d.lease,
+           help="seconds of an instance's lease in the database (default: %(default)s)")
+    option("--db-connections", type=positive_int, default=d.db_connections,
+           help="PostgreSQL connections per instance (default: %(default)s)")
+    option("--allowed-host", action="append", default=[], type=host_name, metavar="NAME",
+           help="a Host name to serve besides IP addresses and localhost (.example.com: it and its subdomains;"
+                " *: any); repeatable")
+    option("--allow-origin", action="append", default=[], type=allowed_origin, metavar="ORIGIN",
+           help="the origin (scheme://host[:port]) of another site's page that may post here; repeatable")
+    option("--log-level", choices=("debug", "info", "warning"), default="info",
+           help="which events go to stderr (default: %(default)s)")
+    option("--log-format", choices=("text", "json"), default="text",
+           help="events as text lines or JSON objects (default: %(default)s)")
     return parser
 
 
@@ -1963,36 +3260,74 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 0 to 65535")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def host_name(text: str) -> str:
+    if text == "*" or re.fullmatch(r"\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
+                                   r"[A-Za-z0-9])?)*\.?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{shown(text)} is not a host name (letters, digits, - and dots; a leading"
+                                     " dot for subdomains; * for any)")
+
+
+def allowed_origin(text: str) -> str:
+    if problem := origin_problem(text):
+        raise argparse.ArgumentTypeError(f"{shown(text)} {problem}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or Ctrl-C, then shut down gracefully; returns the exit code."""
     args = build_parser().parse_args(argv)
-    config = dict(DATABASE=args.db, TEMPLATES=args.templates, WORKERS=args.workers, MAX_BODY=args.max_body,
-                  MAX_PENDING=args.max_pending, KEEP_DAYS=args.keep_days)
+    if "*" in args.allowed_host:
+        print("app.py: warning: --allowed-host '*' turns the Host check off: any web page that makes your"
+              " browser send requests here under a name of its own (DNS rebinding) can run jobs", file=sys.stderr)
     # Listen and claim the database before create_app starts the runner: a second instance must fail
     # without ending the first one's running jobs as if they had been interrupted.
     try:
-        listener = listen(args.host, args.port)
+        listener = listen(args.host, args.port, args.reuse_port)
     except OSError as error:
         print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 2
+    host, port = listener.getsockname()[:2]
+    settings = Settings(
+        database=args.db, templates=args.templates, workers=args.workers, max_body=args.max_body,
+        max_pending=args.max_pending, keep_days=args.keep_days, grace=args.grace, cancel_grace=args.cancel_grace,
+        busy_timeout=args.busy_timeout, lease=args.lease, http_threads=args.http_threads,
+        max_followers=args.max_followers, max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+        db_connections=args.db_connections, allowed_hosts=tuple(args.allowed_host),
+        allow_origins=tuple(args.allow_origin), public_names=public_names(host))
+    log_writer = configure_logging(args.log_level, args.log_format)
     try:
-        claim_database(args.db)
-        app = create_app(config)
-    except (TemplateError, sqlite3.Error, OSError) as error:
+        if not settings.database.startswith(("postgresql:", "postgres:")):
+            claim_database(settings.database)
+        app = create_app(dataclasses.asdict(settings))
+    except (TemplateError, StoreError, OSError, ImportError) as error:
         listener.close()
-        reason = error if isinstance(error, TemplateError) else f"cannot use the database {args.db}: {error}"
-        print(f"app.py: error: {reason}", file=sys.stderr)
+        log_writer.stop()
+        print(f"app.py: error: {start_failure(error, settings.database)}", file=sys.stderr)
         return 2
-    runner, catalog = app.extensions["job_runner"], app.extensions["job_templates"]
-
-    from waitress import create_server
-
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault
-    # The app refuses a body over --max-body with its own 413; waitress, which counts a chunked body's framing
-    # too, only stops bodies far larger before they are read.
-    server = create_server(app, sockets=[listener], threads=args.http_threads,
-                           max_request_body_size=2 * args.max_body + 65536, ident="")
-
+    runner, catalog = app.extensions["jobserver"].runner, app.extensions["jobserver"].catalog
+    server = serve(app, listener, settings)
     stop = threading.Event()
 
     def on_stop_signal(*_):
@@ -2005,35 +3340,76 @@ def main(argv: list[str] | None = None) -> int:
     reload = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload.set())  # a handler must not start threads or take locks
     threading.Thread(target=server.run, name="http", daemon=True).start()
-    host, port = getattr(server, "effective_host", args.host), getattr(server, "effective_port", args.port)
-    print(f"Serving on http://{host}:{port} (templates: {args.templates}, database: {args.db})", flush=True)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"Serving on http://{shown_host}:{port} (templates: {args.templates}, database: {redacted(args.db)},"
+          f" instance: {runner.instance})", flush=True)
     while not stop.wait(0.2):
         if reload.is_set():
             reload.clear()
             catalog.reload_if_changed(force=True)
-    log_line(f"shutting down: new jobs are refused, running jobs get {args.grace:g} s to finish"
-             " (Ctrl-C again to kill them now)")
-    shutdown_app(app, args.grace)
+    event(logging.INFO, "server.stopping", "shutting down: new jobs are refused, running jobs get their grace"
+          " (Ctrl-C again to kill them now)", grace=settings.grace, running=len(runner.running))
+    shutdown_app(app, settings.grace)
     server.close()
-    log_line("stopped")
+    event(logging.INFO, "server.stopped", "stopped")
+    log_writer.stop()
     return 0
 
 
-def listen(host: str, port: int) -> socket.socket:
+def start_failure(error: Exception, database: str) -> str:
+    """The one line that says why the server could not start."""
+    if isinstance(error, TemplateError):
+        return str(error)
+    if isinstance(error, ImportError):
+        return f"{error}: a postgresql:// database needs psycopg 3 (python -m pip install -r requirements.txt)"
+    return f"cannot use the database {redacted(database)}: {error}"
+
+
+def serve(app: Flask, listener: socket.socket, settings: Settings):
+    """waitress, sized so that followers (long polls) and slow or idle connections never crowd out the rest:
+    a thread per follower beyond the threads for ordinary requests, poll() instead of select() (which stops at
+    1,024 descriptors), and silent connections closed after idle_timeout."""
+    from waitress import create_server
+
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.max_connections + 256  # and the jobs' pipes, the database, the listener
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY
+                                                    else wanted, hard))
+    # The app refuses a body over max_body with its own 413; waitress, which counts a chunked body's framing
+    # too, only stops bodies far larger before they are read.
+    return create_server(app, sockets=[listener], threads=settings.http_threads + settings.max_followers,
+                         connection_limit=settings.max_connections, channel_timeout=max(1, int(settings.idle_timeout)),
+                         cleanup_interval=max(1, int(settings.idle_timeout / 4)), asyncore_use_poll=True,
+                         backlog=2048, max_request_body_size=2 * settings.max_body + 65536, ident="")
+
+
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    return socket.create_server(address, family=family)
+    return socket.create_server(address, family=family, reuse_port=reuse_port, backlog=2048)
+
+
+def public_names(host: str) -> tuple[str, ...]:
+    """The machine's names, which browsers on other machines use, when the server listens beyond loopback."""
+    try:
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return ()
+    except ValueError:
+        return ()
+    return tuple({socket.gethostname(), socket.getfqdn()} - {""})
 
 
 def claim_database(path: str) -> None:
-    """Hold an exclusive flock on the database file for the life of the process: one server per database,
-    whatever path (link, bind mount) names it. flock and SQLite's fcntl locks do not interact on Linux, and
-    the descriptor is never closed, so SQLite's own locks are never dropped by closing it."""
+    """Hold an exclusive flock on the database file for the life of the process: one server per SQLite
+    database, whatever path (link, bind mount) names it. flock and SQLite's fcntl locks do not interact on
+    Linux, and the descriptor is never closed, so SQLite's own locks are never dropped by closing it."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise OSError("another app.py is serving it") from None
+        raise OSError("another app.py is serving it (run several instances on PostgreSQL instead)") from None
 
 
 if __name__ == "__main__":

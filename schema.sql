@@ -1,4 +1,5 @@
--- The job store. Applied at every start: it only creates what is missing and never drops data.
+-- The job store in SQLite. Applied at every start: it only creates what is missing and never drops data
+-- (app.py first brings a database of an older schema up to date; PRAGMA user_version records which it is).
 
 -- Must come before the first table of a new database; pruning then gives freed pages back to the disk.
 PRAGMA auto_vacuum = INCREMENTAL;
@@ -8,25 +9,36 @@ PRAGMA auto_vacuum = INCREMENTAL;
 CREATE TABLE IF NOT EXISTS template_versions (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
-    definition  TEXT NOT NULL,             -- the template's TOML table as JSON, without key or key_env
+    definition  TEXT NOT NULL,             -- the template's TOML table as JSON, without key, key_env or secrets
     key_digest  TEXT NOT NULL DEFAULT '',
-    UNIQUE (name, definition, key_digest)
+    digest      TEXT                       -- SHA-256 of the three above: one row per distinct version
 );
+CREATE UNIQUE INDEX IF NOT EXISTS template_versions_digest ON template_versions (digest);
 
 CREATE TABLE IF NOT EXISTS jobs (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,  -- the job token: never reused, even after pruning
     template_version INTEGER NOT NULL REFERENCES template_versions (id),
     template         TEXT NOT NULL,
     status           TEXT NOT NULL CHECK (status IN ('Pending', 'Executing', 'Succeeded', 'Warning', 'Error')),
-    variables        TEXT NOT NULL,        -- JSON object; secret values are removed when the job finishes
+    variables        TEXT NOT NULL,        -- JSON object; a secret variable is named here with a null value
     process_group    INTEGER,              -- of the step running now, to clean up after a crash
-    created_at       REAL NOT NULL,
+    created_at       REAL NOT NULL,        -- seconds since the epoch, by the database's clock
     started_at       REAL,
-    finished_at      REAL
+    finished_at      REAL,
+    secrets          TEXT,                 -- JSON object of the secret values, until the job is final
+    max_concurrent   INTEGER,              -- the template's limit when the job was triggered
+    owner            TEXT,                 -- the instance that claimed the job
+    slot             INTEGER,              -- which of its template's max_concurrent places it runs in
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, id) WHERE status IN ('Pending', 'Executing');
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
+CREATE INDEX IF NOT EXISTS jobs_by_template ON jobs (template, id);
 CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- max_concurrent, enforced by the database: no two Executing jobs of a template share a slot.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_running_slots ON jobs (template, slot)
+    WHERE status = 'Executing' AND slot IS NOT NULL;
+DROP INDEX IF EXISTS jobs_unfinished;  -- of the first schema: jobs_by_status serves its queries
 
 -- One row per log entry (one line), numbered from 0 within its job in the order logged.
 CREATE TABLE IF NOT EXISTS logs (
@@ -36,3 +48,19 @@ CREATE TABLE IF NOT EXISTS logs (
     message TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+
+-- Each start of a server instance, with the lease it renews while it lives (by the database's clock).
+CREATE TABLE IF NOT EXISTS instances (
+    id          TEXT PRIMARY KEY,
+    host        TEXT NOT NULL,
+    boot_id     TEXT NOT NULL,             -- instances with the same boot id run on the same machine
+    pid         INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    lease_until REAL NOT NULL
+);
+
+-- Values all instances share, such as the secret that signs the web page's forms.
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

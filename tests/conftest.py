@@ -1,7 +1,12 @@
-"""Fixtures shared by the tests: an in-process app under WebTest, and a real `python app.py` on loopback."""
+"""Fixtures shared by the tests: an in-process app under WebTest on either store, a real `python app.py` on
+loopback, a throwaway PostgreSQL server, and helpers that read a job store directly on both stores."""
 
+import contextlib
 import http.client
+import itertools
+import json
 import os
+import sqlite3
 import select
 import signal
 import subprocess
@@ -18,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app as server_module  # noqa: E402
+from postgres_server import PostgresServer, missing_postgres_message  # noqa: E402
 
 
 def pytest_configure(config):
@@ -84,15 +90,95 @@ def leftovers():
                 pass
 
 
+#
+# The stores: SQLite in tmp_path, or a database on a PostgreSQL server the suite starts itself.
+#
+
+
+def require(problem: str):
+    """Skip a test whose component is missing, naming what to install; under CI (CI=true), fail instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{problem} (CI=true: every test must run)")
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the suite's own, in a temporary directory, removed at the end."""
+    problem = missing_postgres_message()
+    if problem:
+        require(problem)
+    with PostgresServer() as server:
+        yield server
+
+
+_databases = itertools.count(1)
+
+
 @pytest.fixture
-def make_app(tmp_path):
-    """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on a tmp_path database."""
+def postgres_url(postgres):
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"test_{next(_databases)}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
+
+
+def store_database(kind: str, request, tmp_path) -> str:
+    """The --db value of a fresh store of this kind ("sqlite" or "postgresql")."""
+    if kind == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def database(tmp_path):
+    """The store make_app uses; modules that test both stores override it with a parametrized one."""
+    return str(tmp_path / "jobs.db")
+
+
+@contextlib.contextmanager
+def connect(database: str):
+    """A connection of the test's own to a store (SQLite path or PostgreSQL URL), committed on leaving."""
+    if database.startswith("postgresql:"):
+        import psycopg
+
+        with psycopg.connect(database, autocommit=True) as connection:
+            yield connection
+    else:
+        with contextlib.closing(sqlite3.connect(database, timeout=10)) as connection:
+            yield connection
+            connection.commit()
+
+
+def query(database: str, sql: str, *args) -> list[tuple]:
+    """Rows read from a store directly, on either kind: `?` placeholders, as in SQLite."""
+    if database.startswith("postgresql:"):
+        sql = sql.replace("?", "%s")
+    with connect(database) as connection:
+        cursor = connection.execute(sql, args)
+        return cursor.fetchall() if cursor.description else []
+
+
+def stored_variables(database: str, token) -> dict:
+    """A job's variables as the store keeps them: a secret's value while the job is not final, None after."""
+    variables, secrets = query(database, "SELECT variables, secrets FROM jobs WHERE id = ?", int(token))[0]
+    return {**json.loads(variables), **json.loads(secrets or "{}")}
+
+
+def job_count(database: str) -> int:
+    return query(database, "SELECT count(*) FROM jobs")[0][0]
+
+
+@pytest.fixture
+def make_app(tmp_path, database):
+    """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on the test's store."""
     apps = []
 
     def make(templates: str, **config):
         path = tmp_path / f"templates{len(apps)}.toml"
         path.write_text(textwrap.dedent(templates))
-        settings = {"DATABASE": str(tmp_path / "jobs.db"), "TEMPLATES": str(path), "WORKERS": 2}
+        settings = {"DATABASE": database, "TEMPLATES": str(path), "WORKERS": 2}
         settings.update(config)
         app = server_module.create_app(settings)
         apps.append(app)

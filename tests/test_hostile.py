@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import app as server_module
 from conftest import final_status
 
 ENDPOINTS = ("/api/jobs/trigger", "/api/jobs/status", "/api/jobs/logs", "/api/jobs/cancel")
@@ -646,85 +647,74 @@ def test_reserved_names_are_refused_even_with_allow_new_variables(make_app, name
 
 
 #
-# A process's output cut into entries and masked, fed to the runner directly in chunks of our choosing (a
-# second review found secrets stored in part when a read or a 64 KiB cut fell inside them).
+# A process's output cut into entries and masked, fed to OutputCutter and Masker directly in chunks of our
+# choosing (secrets were once stored in part when a read or a 64 KiB cut fell inside them).
 #
 
 
-def output_reader(monkeypatch, secrets, max_line=64):
-    """A JobExecution (no store, no process) masking `secrets`, with entries of at most max_line bytes."""
-    import types
-
-    import app as server_module
-
-    monkeypatch.setattr(server_module, "MAX_LINE_BYTES", max_line)
-    template = types.SimpleNamespace(max_log_bytes=10**9)
-    execution = server_module.JobExecution(types.SimpleNamespace(store=None), 1, template)
-    execution.secrets = sorted(secrets, key=len, reverse=True)
-    execution.secret_bytes = [secret.encode() for secret in execution.secrets]
-    return execution
+def output_reader(secrets, max_line=64):
+    """(cutter, masker) as the runner makes them for one stream of a job with these secrets."""
+    masker = server_module.Masker(secrets)
+    return server_module.OutputCutter(masker.raw, max_line), masker
 
 
-def feed(execution, chunks) -> list[str]:
+def feed(reader, chunks) -> list[str]:
     """The entries stored for output arriving in these chunks, ended as at the end of the stream."""
-    stream = ["INFO", b""]
-    for chunk in chunks:
-        execution.take_output(stream, chunk)
-    if stream[1]:
-        execution.log_output("INFO", stream[1])
-    return [line for _, line in execution.buffer]
+    cutter, masker = reader
+    entries = [entry for chunk in chunks for entry in cutter.feed(chunk)] + cutter.end()
+    return [server_module.sanitize_line(masker.output(entry).decode("utf-8", "replace")) for entry in entries]
 
 
-def test_a_secret_inside_a_longer_one_does_not_leave_the_rest_unmasked(monkeypatch):
+def test_a_secret_inside_a_longer_one_does_not_leave_the_rest_unmasked():
     """The unfinished line was kept masked: once its shorter secret was ***, the longer one, completed by the
     next read, no longer matched, and its rest was stored."""
     key, credential = "AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
-    execution = output_reader(monkeypatch, [key, credential], max_line=1000)
-    assert feed(execution, [b"cred=" + key.encode(), credential[len(key):].encode() + b"\n"]) == ["cred=***"]
+    reader = output_reader([key, credential], max_line=1000)
+    assert feed(reader, [b"cred=" + key.encode(), credential[len(key):].encode() + b"\n"]) == ["cred=***"]
 
 
-def test_a_secret_of_asterisks_is_masked_once(monkeypatch):
+def test_a_secret_of_asterisks_is_masked_once():
     """Masking the kept line again at every read tripled each * of a secret "*" each time."""
-    execution = output_reader(monkeypatch, ["*"], max_line=1000)
-    assert feed(execution, [b"progress: "] + [b"*"] * 20 + [b" done\n"]) == ["progress: " + "***" * 20 + " done"]
+    reader = output_reader(["*"], max_line=1000)
+    assert feed(reader, [b"progress: "] + [b"*"] * 20 + [b" done\n"]) == ["progress: " + "***" * 20 + " done"]
 
 
 @pytest.mark.parametrize("split", [None, 63, 64, 65, 66])
-def test_a_cut_never_falls_inside_a_utf8_character(monkeypatch, split):
-    execution = output_reader(monkeypatch, [], max_line=64)
+def test_a_cut_never_falls_inside_a_utf8_character(split):
+    reader = output_reader([], max_line=64)
     text = ("€" * 60).encode()  # 180 bytes, 3 per character: the 64-byte cut is inside one
     chunks = [text + b"\n"] if split is None else [text[:split], text[split:] + b"\n"]
-    entries = feed(execution, chunks)
+    entries = feed(reader, chunks)
     assert "".join(entries) == "€" * 60 and all(len(e.encode()) <= 64 for e in entries), entries
 
 
-def test_a_short_secret_repeating_along_a_line_does_not_stop_the_cut_early(monkeypatch):
+def test_a_short_secret_repeating_along_a_line_does_not_stop_the_cut_early():
     """A secret "aa" occurs at every place of a run of a's; the cut goes back to the run's start, once (one
     place at a time, for each of 8 KiB secrets, took 9 s of CPU per 64 KiB line)."""
-    execution = output_reader(monkeypatch, ["aa", "x" * 8192, "y" * 8192], max_line=65536)
-    entries = feed(execution, [b"c" * 57000 + b"a" * 8537 + b"\n"])
+    reader = output_reader(["aa", "x" * 8192, "y" * 8192], max_line=65536)
+    entries = feed(reader, [b"c" * 57000 + b"a" * 8537 + b"\n"])
     assert [len(entry) for entry in entries] == [57000, 8537 // 2 * 3 + 1], [len(e) for e in entries]
     assert entries[0] == "c" * 57000 and "aa" not in entries[1]
 
 
 @pytest.mark.parametrize("chunks", [[b"A" * 64 + b"\r\nend\r\n"], [b"A" * 64 + b"\r", b"\nend\r\n"]])
-def test_the_cr_of_a_crlf_after_a_full_entry_adds_no_empty_entry(monkeypatch, chunks):
-    execution = output_reader(monkeypatch, [], max_line=64)
-    assert feed(execution, chunks) == ["A" * 64, "end"]
+def test_the_cr_of_a_crlf_after_a_full_entry_adds_no_empty_entry(chunks):
+    reader = output_reader([], max_line=64)
+    assert feed(reader, chunks) == ["A" * 64, "end"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None)
 @given(secret=st.text("abcé", min_size=1, max_size=8).filter(lambda s: len(set(s)) == len(s)),
        lines=st.lists(st.text("abcé*x", min_size=0, max_size=300) | st.text("abcé*x", min_size=60, max_size=300),
                       min_size=1, max_size=4),
        cuts=st.lists(st.integers(0, 800), max_size=12))
-def test_output_is_masked_as_whole_lines_however_it_is_read_and_cut(monkeypatch, secret, lines, cuts):
+def test_output_is_masked_as_whole_lines_however_it_is_read_and_cut(secret, lines, cuts):
     """Whatever the reads and the 64-byte cuts, each line's entries together are the line masked whole.
     (A secret with no repeated character cannot overlap itself, so a cut outside it always exists.)"""
-    execution = output_reader(monkeypatch, [secret], max_line=64)
+    reader = output_reader([secret], max_line=64)
     output = "\n".join(lines).encode() + b"\n"
     points = sorted({min(cut, len(output)) for cut in cuts} | {0, len(output)})
-    entries = feed(execution, [output[a:b] for a, b in zip(points, points[1:]) if b > a])
+    entries = feed(reader, [output[a:b] for a, b in zip(points, points[1:]) if b > a])
     remaining = iter(entries)
     for line in [line.replace(secret, "***") for line in lines]:  # each line's entries, in order
         text = next(remaining)

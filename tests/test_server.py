@@ -635,9 +635,11 @@ log = "hi"
 
 
 def stored_variables(db, token):
+    """A job's variables as the database keeps them: a secret's value while the job runs, None after."""
     with contextlib.closing(sqlite3.connect(db)) as connection:
-        (text,) = connection.execute("SELECT variables FROM jobs WHERE id = ?", (int(token),)).fetchone()
-    return json.loads(text)
+        variables, secrets = connection.execute("SELECT variables, secrets FROM jobs WHERE id = ?",
+                                                (int(token),)).fetchone()
+    return {**json.loads(variables), **json.loads(secrets or "{}")}
 
 
 def test_review_second_instance_leaves_the_first_ones_jobs_alone(start_server, tmp_path):
@@ -706,7 +708,7 @@ def test_review_secret_removed_when_restart_ends_an_executing_job(start_server, 
 
     again = start_server(REVIEW_TEMPLATES, *GRACE, db=server.db)
     assert again.final_status(token, timeout=10) == "Error"
-    assert stored_variables(again.db, token) == {"Dir": str(tmp_path)}
+    assert stored_variables(again.db, token) == {"Dir": str(tmp_path), "Pw": None}
     assert "restart-secret-R7" not in logs(again, token)
     assert_gone(child)
     assert again.stop() == 0

@@ -21,15 +21,19 @@ log = "done"
 
 [chatty]
 [[chatty.steps]]
-run = 'echo $$ > chatty.pid; i=0; while [ $i -lt 400 ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done'
+run = 'echo $$ > chatty.pid; i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done'
+
+[flood]
+[[flood.steps]]
+run = 'echo $$ > flood.pid; seq 1 150000; sleep 30'
 """
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+@pytest.fixture(params=["4m"])
+def small_disk(tmp_path, request):
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount_point)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
@@ -68,22 +72,54 @@ def test_disk_full_refuses_triggers_keeps_reads_and_recovers(small_disk, start_s
     status, body, headers = server.get("/api/jobs/trigger", template="quick")
     assert status == 503, body
     assert "full" in body and "Retry-After" in headers
-    # Reads of existing jobs go on.
+    # Reads of existing jobs go on; the health check says what is wrong.
     assert server.get("/api/jobs/status", token=done)[:2] == (200, "Succeeded")
     assert server.get("/api/jobs/logs", token=done)[:2] == (200, "INFO: done\n")
+    status, body, _ = server.get("/healthz")
+    assert status == 503 and "cannot be written" in body and "full" in body, body
 
-    # The chatty job cannot store its next lines: the runner stops it (its shell is killed).
+    # The chatty job goes on meanwhile, its lines kept in memory until they can be stored.
     pid = int((server.directory / "chatty.pid").read_text())
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, what="the chatty job's shell to be killed")
-    assert server.get("/api/jobs/status", token=chatty)[1] == "Executing"  # ends only when it can be stored
-
+    assert os.path.exists(f"/proc/{pid}")
     (small_disk / "filler").unlink()
     again = server.trigger("quick")
     assert server.final_status(again) == "Succeeded"
-    # The job whose log could not be written ends in Error, saying why, once storage is back.
-    assert server.final_status(chatty) == "Error"
-    log = server.get("/api/jobs/logs", token=chatty)[1]
-    assert "ERROR: Could not store the job's log (database or disk is full)" in log
+    assert server.final_status(chatty) == "Succeeded"
+    assert server.get("/api/jobs/logs", token=chatty)[1] == "".join(f"INFO: line {i}\n" for i in range(60))
+    wait_for(lambda: server.get("/healthz")[:2] == (200, "ok"), 10, what="the health check to recover")
     # Nothing half-written: exactly the jobs whose trigger answered 200 exist.
     assert job_count(small_disk / "jobs.db") == 3
+    assert "Traceback" not in server.stderr()
+
+
+@pytest.mark.parametrize("small_disk", ["64m"], indirect=True)
+def test_a_job_whose_unstored_log_grows_past_its_bound_is_stopped(small_disk, start_server):
+    server = start_server(TEMPLATES, db=small_disk / "jobs.db")
+    flood = server.trigger("flood")
+    status, _, headers = server.get("/api/jobs/logs", token=flood, offset=0, wait=10)
+    fill(small_disk / "filler")
+    pid = int((server.directory / "flood.pid").read_text())
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20, what="the flooding job to be stopped")
+    (small_disk / "filler").unlink()
+    assert server.final_status(flood) == "Error"
+    status, body, _ = server.get("/api/jobs/logs", token=flood, offset=100000)
+    assert "ERROR: Could not store the job's log (database or disk is full) while" in body, body[-500:]
+    assert "Traceback" not in server.stderr()
+
+
+def test_an_instance_that_cannot_renew_its_lease_stops_its_jobs(small_disk, start_server):
+    """With --lease 2, an instance that cannot write for 1.5 s kills its jobs' processes before its lease runs
+    out; once the store is back, it serves as a new instance and the job ends in Error saying why."""
+    server = start_server(TEMPLATES, "--lease", "2", db=small_disk / "jobs.db")
+    chatty = server.trigger("chatty")
+    server.get("/api/jobs/logs", token=chatty, offset=0, wait=10)
+    pid = int((server.directory / "chatty.pid").read_text())
+    fill(small_disk / "filler")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, what="the job's shell to be killed")
+    (small_disk / "filler").unlink()
+    assert server.final_status(chatty) == "Error"
+    log = server.get("/api/jobs/logs", token=chatty)[1]
+    assert "stopped renewing its lease" in log, log
+    assert server.final_status(server.trigger("quick")) == "Succeeded"
+    assert "lease ran out; serving as a new instance" in server.stderr()
     assert "Traceback" not in server.stderr()

@@ -1,278 +1,220 @@
-"""The job store and the runner's use of it, in-process: group commit under concurrent writers (the turn
-held, passed on, ended; one failing write in a batch), close, and a worker that cannot read its job."""
+"""The job store on both databases, in process: the queue (claims in trigger order, exactly once, max_concurrent
+held by the database), writes that hold only for the job's owner, leases and orphaned jobs, cancel, events,
+and the SQLite store's upgrade from the first schema."""
 
+import json
 import sqlite3
 import threading
 
 import pytest
 
 import app as server_module
-from conftest import final_status, wait_for
+from conftest import query, store_database
 
-TEMPLATES = """
-[hello]
-[hello.variables]
-Big = ""
-[[hello.steps]]
-log = "hi"
 
-[echo]
-[echo.variables]
-Word = ""
-[[echo.steps]]
-run = 'printf "%s\\n" "${#Word}:$(printf "%s" "$Word" | cut -c1-3)"'
-
-[block]
-max_concurrent = 1
-[block.variables]
-Fifo = ""
-[[block.steps]]
-run = 'echo started; read line < "$Fifo"'
-"""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    return store_database(request.param, request, tmp_path)
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = server_module.JobStore(tmp_path / "jobs.db")
+def store(database):
+    store = server_module.open_store(database)
+    events = []
+    store.listener = events.append
+    store.events = events
     yield store
     store.close()
 
 
-def test_concurrent_writes_all_commit_and_run_their_callbacks_in_id_order(store, tmp_path):
-    template = server_module.parse_template("t", {"steps": [{"log": "x"}]}, "t")
-    version = store.save_template_version("t", template.definition, "")
-    template = server_module.dataclasses.replace(template, version=version)
-    committed, returned, failures = [], [], []
+def template(store, name="t", max_concurrent=None, secret=False):
+    spec = {"steps": [{"log": "x"}], "variables": {"Word": {"default": "", "secret": secret}}}
+    if max_concurrent:
+        spec["max_concurrent"] = max_concurrent
+    parsed = server_module.parse_template(name, spec, name)
+    version = store.save_template_version(parsed.name, parsed.definition, parsed.key_digest)
+    return server_module.dataclasses.replace(parsed, version=version)
 
-    def writer():
+
+@pytest.fixture
+def instance(store):
+    store.register_instance("instance-a", 60)
+    return "instance-a"
+
+
+def test_jobs_are_claimed_in_trigger_order_and_marked_executing_for_their_owner(store, database, instance):
+    t = template(store)
+    ids = [store.insert_job(t, {"Word": str(n)}) for n in range(3)]
+    assert ids == sorted(ids)
+    claims = [store.claim_job(instance) for _ in range(3)]
+    assert [claim.id for claim in claims] == ids
+    assert [claim.variables for claim in claims] == [{"Word": "0"}, {"Word": "1"}, {"Word": "2"}]
+    assert store.claim_job(instance) is None
+    assert query(database, "SELECT status, owner FROM jobs ORDER BY id") == [("Executing", instance)] * 3
+
+
+def test_a_claim_returns_secrets_that_the_stored_variables_only_name(store, database, instance):
+    t = template(store, secret=True)
+    job_id = store.insert_job(t, {"Word": "hunter2"})
+    assert query(database, "SELECT variables, secrets FROM jobs") == [('{"Word": null}', '{"Word": "hunter2"}')]
+    assert store.claim_job(instance).variables == {"Word": "hunter2"}
+    assert store.finish_job(job_id, instance, "Succeeded", 0, [("INFO", "done")])
+    assert query(database, "SELECT variables, secrets FROM jobs") == [('{"Word": null}', None)]
+
+
+def test_each_job_is_claimed_exactly_once_by_concurrent_claimers(store, instance):
+    t = template(store)
+    ids = {store.insert_job(t, {}) for _ in range(200)}
+    claimed, failures = [], []
+
+    def claimer():
         try:
-            for _ in range(50):
-                returned.append(store.insert_job(template, {}, then=committed.append))
+            while (claim := store.claim_job(instance)) is not None:
+                claimed.append(claim.id)
         except Exception as error:  # reported below, not lost in the thread
             failures.append(error)
 
-    threads = [threading.Thread(target=writer) for _ in range(8)]
+    threads = [threading.Thread(target=claimer) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     assert not failures
-    assert sorted(returned) == committed == list(range(1, 401))
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (400,)
+    assert sorted(claimed) == sorted(ids)
 
 
-def hold_the_turn(store):
-    """Start a write that keeps the committer's turn until the returned event is set; returns (event, thread)
-    once the turn is taken."""
-    inside, release = threading.Event(), threading.Event()
-
-    def slow(db):
-        inside.set()
-        release.wait(30)
-
-    thread = threading.Thread(target=store._write, args=(slow,))
-    thread.start()
-    assert inside.wait(30)
-    return release, thread
+def test_max_concurrent_is_held_by_slots_and_other_templates_go_on(store, instance):
+    limited, other = template(store, "limited", max_concurrent=2), template(store, "other")
+    first, second, third = (store.insert_job(limited, {}) for _ in range(3))
+    free = store.insert_job(other, {})
+    assert [store.claim_job(instance).id for _ in range(3)] == [first, second, free]
+    assert store.claim_job(instance) is None, "the third limited job waits for a slot"
+    assert store.finish_job(first, instance, "Succeeded", 0, [])
+    assert store.claim_job(instance).id == third
 
 
-def count_versions(path) -> int:
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT count(*) FROM template_versions").fetchone()[0]
+def test_the_database_refuses_two_executing_jobs_in_one_slot(store, database, instance):
+    """max_concurrent is enforced by a unique index, not by a count two instances could read at once."""
+    limited = template(store, "limited", max_concurrent=1)
+    first, second = store.insert_job(limited, {}), store.insert_job(limited, {})
+    assert store.claim_job(instance).id == first
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        query(database, "UPDATE jobs SET status = 'Executing', slot = 0 WHERE id = ?", second)
 
 
-def test_writes_queued_behind_a_commit_are_all_committed_each_waking_its_own_writer(store, tmp_path):
-    release, holder = hold_the_turn(store)
-    results, threads = {}, []
-    for number in range(6):  # they queue behind the held turn, each waiting for its own write
-        thread = threading.Thread(
-            target=lambda n=number: results.__setitem__(n, store.save_template_version(f"t{n}", "{}", ""))
-        )
-        thread.start()
-        threads.append(thread)
-    store._write_later(lambda db: db.execute(
-        "INSERT INTO template_versions (name, definition) VALUES ('later', '{}')"))
-    wait_for(lambda: len(store._queue) == 7, what="the writes to queue")
-    assert not results  # nothing is committed while the turn is held
-    release.set()
-    for thread in threads + [holder]:
-        thread.join(30)
-    assert sorted(results) == list(range(6)) and len(set(results.values())) == 6
-    wait_for(lambda: count_versions(tmp_path / "jobs.db") == 7, what="the queued-and-forgotten write")
-    assert not store._committing and not store._queue  # the turn ended with the queue empty
+def test_writes_hold_only_for_the_owner_while_its_lease_lasts(store, database, instance):
+    t = template(store)
+    job_id = store.insert_job(t, {})
+    store.claim_job(instance)
+    assert not store.append_logs(job_id, "instance-b", 0, [("INFO", "not mine")])
+    assert not store.finish_job(job_id, "instance-b", "Succeeded", 0, [])
+    assert store.append_logs(job_id, instance, 0, [("INFO", "mine")])
+    query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)  # the lease ran out
+    assert not store.append_logs(job_id, instance, 1, [("INFO", "too late")])
+    assert not store.finish_job(job_id, instance, "Succeeded", 1, [])
+    assert query(database, "SELECT seq, message FROM logs") == [(0, "mine")]
+    assert store.job_status(job_id) == "Executing"
 
 
-def test_a_write_queued_and_forgotten_is_committed_by_whoever_holds_the_turn(store, tmp_path):
-    release, holder = hold_the_turn(store)
-    for number in range(3):  # nobody waits for these: the holder must commit them before its turn ends
-        store._write_later(lambda db, n=number: db.execute(
-            "INSERT INTO template_versions (name, definition) VALUES (?, '{}')", (f"later{n}",)))
-    release.set()
-    holder.join(30)
-    assert count_versions(tmp_path / "jobs.db") == 3
-    assert not store._committing
+def test_a_lease_renews_until_it_has_run_out(store, database, instance):
+    assert store.renew_lease(instance, 60)
+    query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
+    assert not store.renew_lease(instance, 60), "a lease that ran out is never taken back"
 
 
-def test_one_failing_write_does_not_fail_the_others_of_its_batch(store, tmp_path):
-    release, holder = hold_the_turn(store)
-    outcomes = {}
-
-    def write(name, operation):
-        try:
-            outcomes[name] = store._write(operation)
-        except Exception as error:  # the failing one: its own error, and only its own
-            outcomes[name] = error
-
-    def bad(db):
-        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 'x', '{}')")
-        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 'y', '{}')")  # same id
-
-    def good(name):
-        return lambda db: db.execute("INSERT INTO template_versions (name, definition) VALUES (?, '{}')",
-                                     (name,)).lastrowid
-
-    threads = [threading.Thread(target=write, args=("before", good("before"))),
-               threading.Thread(target=write, args=("bad", bad)),
-               threading.Thread(target=write, args=("after", good("after")))]
-    for thread in threads:
-        thread.start()
-        wait_for(lambda: len(store._queue) == threads.index(thread) + 1, what="the write to queue")
-    release.set()
-    for thread in threads + [holder]:
-        thread.join(30)
-    assert isinstance(outcomes["bad"], sqlite3.IntegrityError)
-    assert isinstance(outcomes["before"], int) and isinstance(outcomes["after"], int)
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        names = {row[0] for row in db.execute("SELECT name FROM template_versions")}
-    assert names == {"before", "after"}  # the bad write left nothing behind, the others are all there
+def test_the_jobs_of_an_instance_whose_lease_ran_out_are_ended_and_free_their_slots(store, database, instance):
+    limited = template(store, "limited", max_concurrent=1)
+    running, waiting = store.insert_job(limited, {}), store.insert_job(limited, {})
+    store.claim_job(instance)
+    store.append_logs(running, instance, 0, [("INFO", "started")])
+    store.note_process_group(running, instance, 4242)
+    assert store.orphaned_jobs() == []
+    query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
+    [(job_id, owner, group, _boot)] = store.orphaned_jobs()
+    assert (job_id, owner, group) == (running, instance, 4242)
+    store.register_instance("instance-b", 60)
+    assert store.end_orphaned_job(running, owner, "it stopped")
+    assert not store.end_orphaned_job(running, owner, "it stopped"), "ended once"
+    assert query(database, "SELECT seq, level, message FROM logs WHERE job_id = ?", running) == [
+        (0, "INFO", "started"), (1, "ERROR", "it stopped")]
+    assert store.job_status(running) == "Error"
+    assert store.claim_job("instance-b").id == waiting, "its slot is free again"
 
 
-def test_an_interrupt_during_a_commit_fails_its_batch_and_frees_the_turn(store, tmp_path):
-    """A Ctrl-C (KeyboardInterrupt) that lands in the main thread while it commits: its batch fails, the
-    others' writes report it, and the store goes on working (no turn left held, no transaction left open)."""
-    inside, release = threading.Event(), threading.Event()
-
-    def interrupted(db):
-        db.execute("INSERT INTO template_versions (name, definition) VALUES ('lost', '{}')")
-        inside.set()
-        release.wait(30)
-        raise KeyboardInterrupt
-
-    raised, outcome = [], {}
-
-    def committer():
-        try:
-            store._write(interrupted)
-        except BaseException as error:  # noqa: B036 - the point of the test
-            raised.append(error)
-
-    def other():
-        try:
-            outcome["other"] = store.save_template_version("other", "{}", "")
-        except sqlite3.Error as error:
-            outcome["other"] = error
-
-    first = threading.Thread(target=committer)
-    first.start()
-    assert inside.wait(30)
-    second = threading.Thread(target=other)
-    second.start()
-    wait_for(lambda: len(store._queue) == 1, what="the second write to queue")
-    release.set()
-    first.join(30)
-    second.join(30)
-    assert not second.is_alive()
-    assert isinstance(raised[0], KeyboardInterrupt)
-    # The second write was in a later batch (committed with the turn passed to it) or in the failed one.
-    if isinstance(outcome["other"], sqlite3.Error):
-        assert "interrupted" in str(outcome["other"])
-    assert not store._committing and not store._writer.in_transaction
-    assert isinstance(store.save_template_version("after", "{}", ""), int)
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        names = {row[0] for row in db.execute("SELECT name FROM template_versions")}
-    assert "lost" not in names and "after" in names
+def test_cancel_ends_a_pending_job_and_marks_an_executing_one(store, instance):
+    t = template(store)
+    executing, pending = store.insert_job(t, {}), store.insert_job(t, {})
+    store.claim_job(instance)
+    assert store.cancel_job(pending) == "canceled"
+    assert store.job_status(pending) == "Error"
+    assert store.get_job(pending).log_count == 1
+    assert store.cancel_job(executing) == "requested"
+    assert store.cancel_requests(instance) == [executing]
+    assert store.cancel_job(pending) == "Error", "a final job is left as it was"
+    assert store.cancel_job(999999) is None
 
 
-def test_close_waits_for_the_commit_under_way_and_commits_what_is_queued(tmp_path):
-    store = server_module.JobStore(tmp_path / "jobs.db")
-    release, holder = hold_the_turn(store)
-    waiter = threading.Thread(target=store.save_template_version, args=("queued", "{}", ""))
-    waiter.start()
-    wait_for(lambda: len(store._queue) == 1, what="the write to queue")
-    closer = threading.Thread(target=store.close)
-    closer.start()
-    wait_for(lambda: store._closed, what="close to begin")
-    assert closer.is_alive()  # it waits for the turn to end
-    with pytest.raises(sqlite3.OperationalError, match="closed"):
-        store.save_template_version("too late", "{}", "")
-    release.set()
-    for thread in (holder, waiter, closer):
-        thread.join(30)
-        assert not thread.is_alive()
-    assert count_versions(tmp_path / "jobs.db") == 1
+def test_the_listener_hears_each_commit(store, instance):
+    t = template(store)
+    job_id = store.insert_job(t, {})
+    store.claim_job(instance)
+    store.append_logs(job_id, instance, 0, [("INFO", "a"), ("INFO", "b")])
+    store.finish_job(job_id, instance, "Warning", 2, [("WARN", "c")])
+    Event, Progress = server_module.StoreEvent, server_module.Progress
+    assert [event for event in store.events if event.kind != "resync"] == [Event("work", job_id), Event("job", job_id, Progress("Executing", 0)),
+                            Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3)),
+                            Event("work")]
 
 
-def test_a_write_after_close_fails_with_a_clear_error(tmp_path):
-    store = server_module.JobStore(tmp_path / "jobs.db")
+def test_logs_are_read_in_chunks_of_the_count_asked(store, instance):
+    t = template(store)
+    job_id = store.insert_job(t, {})
+    store.claim_job(instance)
+    store.append_logs(job_id, instance, 0, [("INFO", f"line {n}") for n in range(25)])
+    chunks = list(store.read_logs(job_id, 3, 23, chunk_rows=10))
+    assert len(chunks) == 2 and "".join(chunks) == "".join(f"INFO: line {n}\n" for n in range(3, 23))
+    assert store.read_logs(job_id, 20, 25) == "".join(f"INFO: line {n}\n" for n in range(20, 25))
+    assert store.read_logs(job_id, 25, 25) == ""
+
+
+def test_a_closed_or_unreachable_store_fails_with_its_own_error(database, tmp_path):
+    store = server_module.open_store(database)
     store.close()
-    with pytest.raises(sqlite3.OperationalError, match="closed"):
-        store.save_template_version("t", "{}", "")
+    with pytest.raises(server_module.StoreError):
+        store.count_jobs("Pending")
+    with pytest.raises(server_module.StoreError, match="(?i)connect|refused|answer"):
+        server_module.open_store("postgresql://nobody@127.0.0.1:9/none", server_module.Settings(busy_timeout=1))
 
 
-def test_a_worker_that_cannot_read_its_job_puts_it_back_and_stays_alive(make_app, tmp_path, monkeypatch):
-    client = make_app(TEMPLATES, WORKERS=2)
-    runner = client.app.extensions["job_runner"]
-    store = client.app.extensions["job_store"]
-    read = store.pending_variables
-    failed = []
-
-    def fail_once(job_id):
-        if not failed:
-            failed.append(job_id)
-            raise sqlite3.OperationalError("disk I/O error")
-        return read(job_id)
-
-    class Backoff(threading.Event):
-        """The runner's stop event, whose backoff waits are short and counted."""
-        waits = 0
-
-        def wait(self, timeout=None):
-            result = super().wait(timeout if timeout is None else min(timeout, 0.2))
-            Backoff.waits += 1
-            return result
-
-    monkeypatch.setattr(runner, "stopping", Backoff())
-    monkeypatch.setattr(store, "pending_variables", fail_once)
-    # Variables this large are not kept in the queue: the worker reads them from the store.
-    token = client.get("/api/jobs/trigger", {"template": "hello", "Big": "x" * 5000}).text
-    wait_for(lambda: failed, what="the failed read")
-    # Another trigger wakes the other worker while the first one backs off: it may take the job back.
-    other = client.get("/api/jobs/trigger", {"template": "hello"}).text
-    assert final_status(client, token) == "Succeeded"  # run again after the failed read
-    assert final_status(client, other) == "Succeeded"
-    assert failed == [int(token)]
-    wait_for(lambda: Backoff.waits, what="the worker's backoff to end")
-
-    # The bookkeeping survived: a running job is found by cancel, every worker is alive.
-    fifo = tmp_path / "fifo"
-    server_module.os.mkfifo(fifo)
-    blocked = client.get("/api/jobs/trigger", {"template": "block", "Fifo": str(fifo)}).text
-    wait_for(lambda: client.get("/api/jobs/logs", {"token": blocked}).text == "INFO: started\n",
-             what="the blocking job to start")
-    assert client.get("/api/jobs/cancel", {"token": blocked}).text == "Error"
-    assert all(thread.is_alive() for thread in runner.threads)
-    assert client.get("/api/jobs/logs", {"token": blocked}).text.endswith("ERROR: Job canceled\n")
+FIRST_SCHEMA_JOBS = [
+    # id, status, variables (the secret Pw kept inside them, as the first schema did until a job was final)
+    (1, "Succeeded", {"Name": "a"}),
+    (2, "Pending", {"Name": "b", "Pw": "pending-secret"}),
+    (3, "Executing", {"Name": "c", "Pw": "running-secret"}),
+]
 
 
-@pytest.mark.parametrize("size, read_back", [(10, False), (5000, True)])
-def test_a_job_gets_its_variables_whether_the_queue_kept_them_or_not(make_app, monkeypatch, size, read_back):
-    client = make_app(TEMPLATES, WORKERS=1)
-    store = client.app.extensions["job_store"]
-    read, reads = store.pending_variables, []
-    monkeypatch.setattr(store, "pending_variables", lambda job_id: reads.append(job_id) or read(job_id))
-    word = "abc" + "d" * (size - 3)
-    token = client.get("/api/jobs/trigger", {"template": "echo", "Word": word}).text
-    assert final_status(client, token) == "Succeeded"
-    assert client.get("/api/jobs/logs", {"token": token}).text == f"INFO: {size}:abc\n"
-    assert reads == ([int(token)] if read_back else [])
+def test_a_database_of_the_first_schema_is_brought_up_to_date(tmp_path):
+    from test_api import FIRST_SCHEMA
+
+    path = tmp_path / "jobs.db"
+    definition = {"max_concurrent": 1, "variables": {"Name": "", "Pw": {"secret": True}}, "steps": [{"log": "x"}]}
+    with sqlite3.connect(path) as db:
+        db.executescript(FIRST_SCHEMA)
+        db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 't', ?)", (json.dumps(definition),))
+        for job_id, status, variables in FIRST_SCHEMA_JOBS:
+            db.execute("INSERT INTO jobs (id, template_version, template, status, variables, created_at)"
+                       " VALUES (?, 1, 't', ?, ?, 0)", (job_id, status, json.dumps(variables)))
+    store = server_module.open_store(str(path))
+    try:
+        rows = query(str(path), "SELECT id, variables, secrets, max_concurrent FROM jobs ORDER BY id")
+        assert rows == [(1, '{"Name": "a", "Pw": null}', None, 1),
+                        (2, '{"Name": "b", "Pw": null}', '{"Pw": "pending-secret"}', 1),
+                        (3, '{"Name": "c", "Pw": null}', '{"Pw": "running-secret"}', 1)]
+        store.register_instance("new", 60)
+        assert [row[0] for row in store.orphaned_jobs()] == [3], "a job left Executing by the old server is ended"
+        assert store.claim_job("new").variables == {"Name": "b", "Pw": "pending-secret"}
+        assert query(str(path), "PRAGMA user_version") == [(server_module.SCHEMA_VERSION,)]
+    finally:
+        store.close()
+    server_module.open_store(str(path)).close()  # a second start finds it up to date
