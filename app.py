@@ -46,7 +46,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, NotFound
 
 #
@@ -2939,6 +2939,7 @@ class Services:
     metrics: Metrics
     guard: RequestGuard
     maintenance: Maintenance
+    page_secret: bytes  # signs the page's forms; shared by every instance through the store
 
 
 def services() -> Services:
@@ -3073,14 +3074,272 @@ def metrics():
     return Response(body, content_type=content_type)
 
 #
-# Web pages.
+# Web pages: the jobs, one job with its live log, and a form per template, for people with a browser.
+#
+# Server-rendered HTML (Flask's autoescaping Jinja templates in web/), readable with JavaScript off; one small
+# same-origin script (web/static/page.js) adds live updates by polling /jobs/<token>/updates, which holds no
+# thread between polls. A keyed template's jobs show only their token, template and time until the browser
+# gives the key: the script keeps it in the tab's sessionStorage and sends it as X-ApiKey, never in a URL, a
+# cookie or the HTML; without the script, forms post it.
 #
 
 pages = Blueprint("pages", __name__)
 
+PAGE_SIZE = 50  # jobs on a page of the list
+TAIL_ENTRIES = 200  # log entries a job page shows at first; earlier ones load on demand
+UPDATE_ENTRIES = 500  # log entries in one live update
+PAGE_TOKEN_SECONDS = 86400  # how long a form of the page may be posted back
+PAGE_SECURITY = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none';"
+                               " base-uri 'none'; form-action 'self'",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+FORM_FIELDS = ("page-token", "key", "new-name", "new-value")  # the form's own fields: none is a variable name
 
-def not_found_page():
-    return text_response("Not found", 404)
+
+@pages.after_request
+def page_headers(response: Response) -> Response:
+    for name, value in PAGE_SECURITY.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def page(html: str, status: int = 200, **context) -> Response:
+    """A page rendered from web/<html>, with the page's headers (PAGE_SECURITY, set by page_headers)."""
+    return Response(render_template(html, **context), status=status, mimetype="text/html")
+
+
+def not_found_page(what: str = "There is no page at this address."):
+    response = page("not_found.html", 404, message=what)
+    for name, value in PAGE_SECURITY.items():
+        response.headers[name] = value
+    return response
+
+
+def page_token() -> str:
+    """A token of the page's own for its forms: a time and its signature by the secret all instances share.
+    Another site cannot read it (the same-origin policy), so a form that carries it came from these pages."""
+    stamp = str(int(time.time()))
+    return f"{stamp}.{page_signature(stamp)}"
+
+
+def page_signature(stamp: str) -> str:
+    return hmac.new(services().page_secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def page_token_problem(token: str | None) -> str | None:
+    stamp, _, signature = (token or "").partition(".")
+    if not (stamp.isdigit() and hmac.compare_digest(signature, page_signature(stamp))):
+        return "This form did not come from this server's pages: reload the page and send it again"
+    if time.time() - int(stamp) > PAGE_TOKEN_SECONDS:
+        return "This form has expired: reload the page and send it again"
+    return None
+
+
+class PageForm:
+    """A form posted by the pages: its fields checked like any request's (UTF-8, no NUL, sizes), the page's
+    token checked, the key and added name/value rows apart from the template's variables."""
+
+    def __init__(self):
+        pairs = parse_urlencoded(request.get_data(cache=False), "form") if request.content_length else []
+        self.fields: dict[str, list[str]] = {}
+        for name, value in pairs:
+            check_value(name, value)
+            self.fields.setdefault(name, []).append(value)
+        if problem := page_token_problem(self.one("page-token")):
+            raise ApiError(problem, 403)
+        self.key = self.one("key")
+
+    def one(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+    def variables(self) -> list[tuple[str, str]]:
+        """The variables given: declared fields left empty keep their default; rows of new names follow."""
+        given = [(name, values[-1]) for name, values in self.fields.items()
+                 if name not in FORM_FIELDS and values[-1] != ""]
+        new = zip(self.fields.get("new-name", []), self.fields.get("new-value", []))
+        return given + [(name.strip(), value) for name, value in new if name.strip()]
+
+
+def job_or_404(token: str) -> JobDetail:
+    if not (token.isascii() and token.isdigit() and len(token) <= 18):
+        raise NotFound()
+    job = services().store.job_detail(int(token))
+    if job is None:
+        raise NotFound()
+    return job
+
+
+def template_or_404(name: str) -> JobTemplate:
+    template = services().catalog.get(name)
+    if template is None or not template.api:
+        raise NotFound()
+    return template
+
+
+def timing(job) -> dict:
+    """The times a page shows, as seconds since the epoch (the script shows them in the browser's zone)."""
+    created, started, finished = job[0], job[1], job[2]
+    end = finished if finished is not None else (time.time() if started is not None else None)
+    return {"created": created, "started": started, "finished": finished,
+            "duration": None if started is None or end is None else max(0.0, end - started)}
+
+
+@pages.app_template_filter("utc")
+def utc_text(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+@pages.app_template_filter("iso")
+def iso_text(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+@pages.app_template_filter("duration")
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+@pages.route("/")
+def job_list():
+    site = services()
+    template = request.args.get("template") or None
+    status = request.args.get("status") or None
+    before = request.args.get("before") or None
+    if status is not None and status not in STATUSES:
+        raise ApiError(f"Unknown status {shown(status)}: one of {', '.join(STATUSES)}", 400)
+    if before is not None and not (before.isascii() and before.isdigit() and len(before) <= 18):
+        raise ApiError("before must be a job token", 400)
+    if template is not None and (known := site.catalog.get(template)) is not None:
+        template = known.name
+    rows = site.store.list_jobs(template, status, int(before) if before else None, PAGE_SIZE + 1)
+    jobs = [{"token": row[0], "template": row[1], "status": None if row[3] else row[2], "keyed": bool(row[3]),
+             **timing(row[4:7])} for row in rows[:PAGE_SIZE]]
+    older = jobs[-1]["token"] if len(rows) > PAGE_SIZE else None
+    runnable = sorted(site.catalog.api_templates(), key=lambda t: t.name.lower())
+    return page("jobs.html", jobs=jobs, older=older, filters={"template": template, "status": status},
+                templates=runnable, statuses=STATUSES, newest=before is not None)
+
+
+def job_page(job: JobDetail, unlocked: bool, status: int = 200, problem: str | None = None) -> Response:
+    site = services()
+    template = site.catalog.get(job.template)
+    first = max(0, job.log_count - TAIL_ENTRIES)
+    entries = site.store.log_tail(job.id, first, job.log_count) if unlocked else []
+    variables = [{"name": name, "value": value, "secret": value is None} for name, value in job.variables.items()]
+    again = None
+    if template is not None and template.api:
+        again = url_for("pages.template_form", name=template.name,
+                        **{v["name"]: v["value"] for v in variables if not v["secret"]})
+    return page("job.html", status, job=job, unlocked=unlocked, keyed=bool(job.key_digest), entries=entries,
+                first=first, variables=variables, again=again, times=timing((job.created_at, job.started_at,
+                                                                              job.finished_at)),
+                final=job.status in FINAL_STATUSES, problem=problem, token=page_token(),
+                runnable=template is not None and template.api)
+
+
+@pages.route("/jobs/<token>", methods=["GET", "POST"])
+def job_view(token: str):
+    """A job's page. A keyed template's job is shown whole only with its key: posted by the key form, when
+    JavaScript is off (with it, the script asks /updates with the key instead)."""
+    job = job_or_404(token)
+    if not job.key_digest:
+        return job_page(job, unlocked=True)
+    if request.method == "GET":
+        return job_page(job, unlocked=False, status=403)
+    form = PageForm()
+    try:
+        services().guard.authorize(form.key, job.key_digest)
+    except KeyRefused as error:
+        return job_page(job, unlocked=False, status=403, problem=error.message)
+    return job_page(job, unlocked=True)
+
+
+@pages.route("/jobs/<token>/updates")
+def job_updates(token: str):
+    """What the job page's script polls: the job's state and the entries after `offset` (or before `before`),
+    as JSON; the key, for a keyed template, as an X-ApiKey header."""
+    job = job_or_404(token)
+    site = services()
+    site.guard.authorize(header_text(request.headers.get("X-ApiKey")), job.key_digest)
+    count = job.log_count
+    if "before" in request.args:
+        end = min(count, int_argument("before"))
+        start = max(0, end - UPDATE_ENTRIES)
+    else:
+        start = min(count, int_argument("offset"))
+        end = min(count, start + UPDATE_ENTRIES)
+    entries = site.store.log_tail(job.id, start, end) if end > start else []
+    body = {"status": job.status, "final": job.status in FINAL_STATUSES, "count": count, "offset": end,
+            "times": timing((job.created_at, job.started_at, job.finished_at)),
+            "variables": [{"name": name, "value": value, "secret": value is None}
+                          for name, value in job.variables.items()],
+            "entries": [[seq, level, message] for seq, level, message in entries]}
+    return Response(json.dumps(body), mimetype="application/json")
+
+
+def int_argument(name: str) -> int:
+    text = request.args.get(name, "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise ApiError(f"Parameter {name} must be a whole number, 0 or more")
+    return int(text)
+
+
+@pages.route("/jobs/<token>/cancel", methods=["POST"])
+def cancel_from_page(token: str):
+    job = job_or_404(token)
+    form = PageForm()
+    services().guard.authorize(form.key, job.key_digest)
+    services().runner.cancel(job.id)
+    return redirect(url_for("pages.job_view", token=job.id), 303)
+
+
+@pages.route("/templates/<name>", methods=["GET", "POST"])
+def template_form(name: str):
+    """A template's form: one input per declared variable, filled with the query's values (Run again) or the
+    defaults. Posting it triggers a job like the API does and goes to the job's page; a refused value is shown
+    next to its field, the other values kept (never a secret's, nor the key)."""
+    template = template_or_404(name)
+    if request.method == "GET":
+        values = {variable.name: request.args.get(variable.name, variable.default)
+                  for variable in template.variables.values() if not variable.secret}
+        return form_page(template, values)
+    form = PageForm()
+    given = form.variables()
+    kept = {name: value for name, value in given
+            if not (template.variables.get(name.lower()) and template.variables[name.lower()].secret)}
+    try:
+        services().guard.authorize(form.key, template.key_digest)
+        variables = resolve_variables(template, given)
+        token = trigger_job(template, variables, via="page")
+    except KeyRefused as error:
+        return form_page(template, kept, 403, {"key": error.message})
+    except BadValue as error:
+        return form_page(template, kept, 400, {error.field or "": error.message})
+    except NotAccepting as error:
+        return form_page(template, kept, 503, {"": error.message})
+    return redirect(url_for("pages.job_view", token=token), 303)
+
+
+def form_page(template: JobTemplate, values: dict[str, str], status: int = 200,
+              problems: dict[str, str] | None = None) -> Response:
+    declared = {variable.name.lower() for variable in template.variables.values()}
+    extra = [(name, value) for name, value in values.items() if name.lower() not in declared]
+    problems = {name.lower(): message for name, message in (problems or {}).items()}
+    return page("template.html", status, template=template, values=values, extra=extra, problems=problems,
+                token=page_token(), variables=list(template.variables.values()))
 
 
 #
@@ -3120,8 +3379,9 @@ def create_app(config: dict | None = None) -> Flask:
     metrics.observe_live(LiveFigures(store, runner, watch))
     maintenance = Maintenance(store, catalog, settings.keep_days, runner.stopping)
     maintenance.start()
+    page_secret = store.setting("page_secret", lambda: secrets_module.token_hex(32)).encode()
     app.extensions["jobserver"] = Services(settings, store, catalog, watch, runner, metrics,
-                                           RequestGuard(settings, metrics), maintenance)
+                                           RequestGuard(settings, metrics), maintenance, page_secret)
     app.register_blueprint(api)
     app.register_blueprint(pages)
     app.before_request(guard_request)
