@@ -1069,6 +1069,7 @@ class JobStore:
         self.listener: Callable[[StoreEvent], None] = lambda _event: None
         self.write_failure: str | None = None  # why the last write failed, until one succeeds
         self.failures = 0  # reads and writes that failed, for the metrics
+        self.opened = False  # until then a failure is the caller's to tell (app.py: one line, exit 2)
         self._failing_since: float | None = None
         self._told_at = float("-inf")
         self._sql_cache: dict[str, str] = {}
@@ -1105,6 +1106,8 @@ class JobStore:
         """Count a failure and tell the operator: when failures start, then at most every 10 s."""
         self.failures += 1
         now = time.monotonic()
+        if not self.opened:
+            return StoreError(reason)
         if self._failing_since is None:
             self._failing_since = now
         if now - self._told_at >= 10:
@@ -1336,6 +1339,12 @@ class JobStore:
 
         return self._write(cancel, events)
 
+    def owned_jobs(self, instance: str, older_than: float) -> list[int]:
+        """The Executing jobs this instance claimed more than older_than seconds ago."""
+        return [row[0] for row in self._all(
+            "SELECT id FROM jobs WHERE owner = ? AND status = 'Executing' AND started_at < {now} - ?",
+            (instance, older_than))]
+
     def cancel_requests(self, instance: str) -> list[int]:
         """The jobs this instance runs that someone asked to cancel."""
         return [row[0] for row in self._all(
@@ -1420,9 +1429,16 @@ class JobStore:
 
     # Upkeep.
 
-    def ping(self) -> None:
-        """A cheap read: raises StoreError when the database does not answer."""
-        self._one("SELECT 1 FROM instances LIMIT 1")
+    def health_problem(self) -> str | None:
+        """Why the store is not well (it does not answer a read, or its last write failed), or None. No
+        writes: a load balancer may ask often."""
+        try:
+            self._one("SELECT 1 FROM instances LIMIT 1")
+        except StoreError as error:
+            return f"the job store cannot be read: {error}"
+        if self.write_failure:
+            return f"the job store cannot be written: {self.write_failure}"
+        return None
 
     def prune_finished(self, older_than_days: float, stopping: threading.Event | None = None,
                        batch: int = 500) -> int:
@@ -1496,6 +1512,7 @@ class SQLiteStore(JobStore):
             except BaseException:
                 self._writer.close()
                 raise
+        self.opened = True
 
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -1562,6 +1579,22 @@ class SQLiteStore(JobStore):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def health_problem(self) -> str | None:
+        """Also whether another program holds the database's write lock: taking the lock and letting it go
+        writes nothing, on a connection of its own that waits no more than a moment."""
+        problem = super().health_problem()
+        if problem is None:
+            try:
+                probe = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.execute("ROLLBACK")
+                finally:
+                    probe.close()
+            except sqlite3.Error as error:
+                return f"the job store cannot be written: {error}"
+        return problem
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         db.executemany("INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
@@ -1642,6 +1675,7 @@ class PostgresStore(JobStore):
             self._first_connection()
             self.pool.open(wait=True, timeout=busy_timeout)
             self._create_schema()
+        self.opened = True
         self._listening = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
         self._listening.start()
 
@@ -2220,9 +2254,10 @@ class JobExecution:
                     return
                 delay = min(delay * 2, 5.0)
                 continue
-            if not owned:
+            if not owned and self.store.job_status(self.job_id) not in FINAL_STATUSES:
                 self.disowned = True
                 break
+            # (not owned but final: a retried finish whose first commit succeeded while its answer was lost)
             self.runner.metrics.log_entries.inc(len(self.buffer))
             self.seq += len(self.buffer)
             self.buffer = []
@@ -2331,6 +2366,7 @@ class JobRunner:
         for number in range(self.settings.workers):
             self._thread(self._work, f"job-worker-{number}")
         self._thread(self._heartbeat, "heartbeat")
+        self._thread(self._lease_watchdog, "lease-watchdog")
         self.hint(self.settings.workers)
 
     def _thread(self, target, name: str) -> None:
@@ -2460,6 +2496,7 @@ class JobRunner:
                 if now >= next_sweep:
                     next_sweep = now + lease / 2
                     self.end_orphaned_jobs()
+                    self.end_lost_claims()
                 if self.running:
                     for job_id in self.store.cancel_requests(self.instance):
                         self.stop_if_running(job_id, "Job canceled", cause="cancel")
@@ -2469,20 +2506,23 @@ class JobRunner:
             except Exception:
                 traceback.print_exc()
 
-    def renew_lease(self) -> None:
-        """Renew the lease. When the store cannot be reached for most of a lease, stop this instance's jobs
-        before the lease runs out (others will end them); when the lease has run out, start again as a new
-        instance."""
-        asked_at = time.monotonic()
-        try:
-            renewed = self.store.renew_lease(self.instance, self.settings.lease)
-        except StoreError as error:
-            if asked_at - self.lease_renewed > self.settings.lease * 0.75 and not self.lease_lapsing:
+    def _lease_watchdog(self) -> None:
+        """Stop this instance's jobs before its lease runs out when it could not renew it: a thread of its own,
+        which never waits for the store, so that a store that hangs cannot delay it."""
+        while not self.stopped.wait(min(0.25, self.settings.lease / 20)):
+            unrenewed = time.monotonic() - self.lease_renewed
+            if unrenewed > self.settings.lease * 0.75 and not self.lease_lapsing:
                 self.lease_lapsing = True
-                self.stop_all(f"The instance running the job could not reach the job store for "
-                              f"{asked_at - self.lease_renewed:.0f} s ({error}); the job was stopped before the "
-                              "instance's lease ran out", cause="lease")
-            raise
+                self.stop_all(f"The instance running the job could not renew its lease in the job store for "
+                              f"{unrenewed:.1f} s; the job was stopped before the lease ran out", cause="lease")
+                event(logging.ERROR, "instance.lease_lapsing", "lease not renewed: jobs stopped", instance=self.instance,
+                      seconds=round(unrenewed, 1), jobs=len(self.running))
+
+    def renew_lease(self) -> None:
+        """Renew the lease; when it has run out (this instance was paused or cut off for longer than the lease,
+        and others may have ended its jobs), stop its jobs and start again as a new instance."""
+        asked_at = time.monotonic()
+        renewed = self.store.renew_lease(self.instance, self.settings.lease)
         if renewed:
             self.lease_renewed, self.lease_lapsing = asked_at, False
             return
@@ -2507,6 +2547,18 @@ class JobRunner:
                       reason="its instance stopped", instance=owner)
         self.store.forget_instances(older_than=86400)
 
+    def end_lost_claims(self) -> None:
+        """End in Error the jobs this instance claimed but does not run: a claim committed while its answer
+        was lost (the database connection broke during the commit). A claim younger than a few seconds may
+        still be on its way to its worker, so only older ones count."""
+        running = set(self.running)
+        for job_id in self.store.owned_jobs(self.instance, older_than=10):
+            if job_id not in running and self.store.end_orphaned_job(
+                    job_id, self.instance, "The job was claimed but never started (the answer to its claim was"
+                                           " lost); it was ended"):
+                event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
+                      reason="claim lost")
+
     # Shutdown.
 
     def stop_all(self, reason: str, cause: str) -> None:
@@ -2526,7 +2578,7 @@ class JobRunner:
             time.sleep(0.05)
         self.stop_all("Server stopped while the job ran; it was killed", cause="shutdown")
         for thread in self.threads:
-            if thread.name != "heartbeat":
+            if thread.name.startswith("job-worker"):
                 thread.join(timeout=10)
         self.stopped.set()
         for thread in self.threads:
@@ -3056,13 +3108,7 @@ def healthz():
     elif not site.runner.alive():
         problem = "the job workers have stopped"
     else:
-        try:
-            site.store.ping()
-        except StoreError as error:
-            problem = f"the job store cannot be read: {error}"
-        else:
-            if site.store.write_failure:
-                problem = f"the job store cannot be written: {site.store.write_failure}"
+        problem = site.store.health_problem()
     if problem:
         return text_response(problem, 503, {"Retry-After": "5"})
     return text_response("ok")
