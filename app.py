@@ -2835,9 +2835,10 @@ def origin_authority(origin: str) -> str | None:
 
 
 def authority(name: str, port: str) -> str:
-    """host[:port] as a Host header writes it, an IPv6 address in brackets."""
+    """host[:port] as a Host header writes it, an IPv6 address in brackets, without the default ports (80,
+    443) that browsers leave out of an Origin and some clients put in a Host header."""
     name = f"[{name}]" if ":" in name else name
-    return f"{name}:{port}" if port else name
+    return f"{name}:{port}" if port and port not in ("80", "443") else name
 
 
 def origin_problem(origin: str) -> str | None:
