@@ -1889,20 +1889,21 @@ class LiveFigures:
 
 
 class WatchedJob:
-    """The requests waiting on one job, and the newest progress known of it."""
+    """The requests waiting on one job, and the newest progress known of it. Each waiter sleeps on a lock of
+    its own, which an update releases: a thousand waiters wake without queueing for one shared lock."""
 
-    __slots__ = ("condition", "progress", "waiters")
+    __slots__ = ("progress", "sleepers", "waiters")
 
     def __init__(self, progress: Progress):
-        self.condition = threading.Condition()
         self.progress = progress
+        self.sleepers: list[threading.Lock] = []
         self.waiters = 0
 
 
 class JobWatch:
-    """Requests that wait for a job to log or end (status, logs and cancel). Each sleeps on its job's condition
-    and is woken by the store's events, which carry the job's new progress, so a thousand waiters cost no
-    reads; recheck() re-reads the watched jobs on an interval, in one statement, in case an event was missed
+    """Requests that wait for a job to log or end (status, logs and cancel). Each sleeps until the store's
+    events, which carry the job's new progress, say its job moved on, so a thousand waiters cost no reads;
+    recheck() re-reads the watched jobs on an interval, in one statement, in case an event was missed
     (another instance's notification lost, or a reconnect). Each waiting request holds one HTTP thread: at most
     max_followers wait at once, and a request beyond that is answered at once with what there is."""
 
@@ -1918,24 +1919,27 @@ class JobWatch:
         the wait, or early when the server must: shutting down, or too many waiting)."""
         if done(known) or timeout <= 0:
             return known
+        deadline = time.monotonic() + timeout
         with self.lock:
             if self.closed or self.waiting >= self.max_followers:
                 return known
             watched = self.jobs.get(job_id)
             if watched is None:
                 watched = self.jobs[job_id] = WatchedJob(known)
+            watched.progress = known.newer(watched.progress)
             watched.waiters += 1
             self.waiting += 1
         try:
-            deadline = time.monotonic() + timeout
-            with watched.condition:
-                watched.progress = known.newer(watched.progress)
-                while not done(watched.progress) and not self.closed:
+            while True:
+                with self.lock:
+                    progress = watched.progress
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    watched.condition.wait(remaining)
-                return watched.progress
+                    if done(progress) or self.closed or remaining <= 0:
+                        return progress
+                    sleeper = threading.Lock()
+                    sleeper.acquire()
+                    watched.sleepers.append(sleeper)
+                sleeper.acquire(timeout=remaining)  # released by update() or close()
         finally:
             with self.lock:
                 self.waiting -= 1
@@ -1945,14 +1949,19 @@ class JobWatch:
 
     def update(self, job_id: int, progress: Progress) -> None:
         """A job moved on: wake its waiters (a no-op for a job nobody waits on)."""
-        watched = self.jobs.get(job_id)
-        if watched is None:
+        if job_id not in self.jobs:
             return
-        with watched.condition:
+        with self.lock:
+            watched = self.jobs.get(job_id)
+            if watched is None:
+                return
             newer = progress.newer(watched.progress)
-            if newer != watched.progress:
-                watched.progress = newer
-                watched.condition.notify_all()
+            if newer == watched.progress:
+                return
+            watched.progress = newer
+            sleepers, watched.sleepers = watched.sleepers, []
+        for sleeper in sleepers:
+            sleeper.release()
 
     def recheck(self) -> None:
         """Re-read every watched job in one statement and wake the waiters of those that moved on."""
@@ -1963,10 +1972,13 @@ class JobWatch:
 
     def close(self) -> None:
         """Answer every wait now (the server is stopping), and every later one at once."""
-        self.closed = True
-        for watched in list(self.jobs.values()):
-            with watched.condition:
-                watched.condition.notify_all()
+        with self.lock:
+            self.closed = True
+            sleepers = [sleeper for watched in self.jobs.values() for sleeper in watched.sleepers]
+            for watched in self.jobs.values():
+                watched.sleepers = []
+        for sleeper in sleepers:
+            sleeper.release()
 
 
 #
@@ -2645,7 +2657,7 @@ def split_host(value: str) -> tuple[str, str] | None:
         port = rest[1:]
     else:
         name, _, port = value.partition(":")
-    if (port and not (port.isascii() and port.isdigit() and len(port) <= 5)) or not name:
+    if (port and not (port.isascii() and port.isdigit() and int(port) <= 65535)) or not name:
         return None
     return name.lower().removesuffix("."), port
 
@@ -3686,10 +3698,31 @@ def serve(app: Flask, listener: socket.socket, settings: Settings):
                                                     else wanted, hard))
     # The app refuses a body over max_body with its own 413; waitress, which counts a chunked body's framing
     # too, only stops bodies far larger before they are read.
-    return create_server(app, sockets=[listener], threads=settings.http_threads + settings.max_followers,
-                         connection_limit=settings.max_connections, channel_timeout=max(1, int(settings.idle_timeout)),
-                         cleanup_interval=max(1, int(settings.idle_timeout / 4)), asyncore_use_poll=True,
-                         backlog=2048, max_request_body_size=2 * settings.max_body + 65536, ident="")
+    server = create_server(app, sockets=[listener], threads=settings.http_threads + settings.max_followers,
+                           connection_limit=settings.max_connections,
+                           channel_timeout=max(1, int(settings.idle_timeout)),
+                           cleanup_interval=max(1, int(settings.idle_timeout / 4)), asyncore_use_poll=True,
+                           backlog=2048, max_request_body_size=2 * settings.max_body + 65536, ident="")
+    server.channel_class = secure_channel_class()
+    return server
+
+
+def secure_channel_class():
+    """waitress's connection, whose own error answers (malformed HTTP, never seen by the app) carry the
+    headers every response of this server carries."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class SecureErrorTask(ErrorTask):
+        def execute(self):
+            self.response_headers.extend([("X-Content-Type-Options", "nosniff"),
+                                          ("Cross-Origin-Resource-Policy", "same-origin")])
+            super().execute()  # adds its own headers and writes them with the body
+
+    class SecureChannel(HTTPChannel):
+        error_task_class = SecureErrorTask
+
+    return SecureChannel
 
 
 def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
