@@ -3203,8 +3203,13 @@ class PageForm:
     def __init__(self):
         pairs = parse_urlencoded(request.get_data(cache=False), "form") if request.content_length else []
         self.fields: dict[str, list[str]] = {}
+        self.problems: dict[str, str] = {}  # by field: a value that breaks a request's limits, not kept
         for name, value in pairs:
-            check_value(name, value)
+            try:
+                check_value(name, value)
+            except ApiError as error:
+                self.problems.setdefault(name, error.message)
+                continue
             self.fields.setdefault(name, []).append(value)
         if problem := page_token_problem(self.one("page-token")):
             raise ApiError(problem, 403)
@@ -3374,11 +3379,16 @@ def template_form(name: str):
     if request.method == "GET":
         values = {variable.name: request.args.get(variable.name, variable.default)
                   for variable in template.variables.values() if not variable.secret}
+        if template.allow_new_variables:  # Run again of a job with variables of its own
+            values.update((name, value) for name, value in request.args.items(multi=False)
+                          if name.lower() not in template.variables and not variable_name_problem(name))
         return form_page(template, values)
     form = PageForm()
     given = form.variables()
     kept = {name: value for name, value in given
             if not (template.variables.get(name.lower()) and template.variables[name.lower()].secret)}
+    if form.problems:
+        return form_page(template, kept, 400, form.problems)
     try:
         services().guard.authorize(form.key, template.key_digest)
         variables = resolve_variables(template, given)
@@ -3394,11 +3404,62 @@ def template_form(name: str):
 
 def form_page(template: JobTemplate, values: dict[str, str], status: int = 200,
               problems: dict[str, str] | None = None) -> Response:
+    """The form, with each problem next to its field; one of an added row (or of no field) above the form."""
     declared = {variable.name.lower() for variable in template.variables.values()}
     extra = [(name, value) for name, value in values.items() if name.lower() not in declared]
     problems = {name.lower(): message for name, message in (problems or {}).items()}
+    general = [message for name, message in problems.items() if name not in declared and name != "key"]
+    if general:
+        problems[""] = " ".join(general)
     return page("template.html", status, template=template, values=values, extra=extra, problems=problems,
-                token=page_token(), variables=list(template.variables.values()))
+                token=page_token(), variables=list(template.variables.values()),
+                patterns={v.name: html_pattern(v.pattern.pattern) for v in template.variables.values() if v.pattern})
+
+
+# What a browser's pattern attribute (compiled with the `v` flag) lets a backslash escape: outside a character
+# class the syntax characters and /, inside one those and the class punctuators too.
+SYNTAX_ESCAPES = set(r"^$\.*+?()[]{}|/")
+CLASS_ESCAPES = SYNTAX_ESCAPES | set("-&!#%,:;<=>@`~")
+
+
+def html_pattern(pattern: str) -> str | None:
+    """A template's (Python) pattern as a browser's pattern attribute takes it, or None when it uses syntax this
+    does not translate: then the browser gives no hint, and the server enforces the pattern either way."""
+    if "(?" in pattern.replace("(?:", "") or re.search(r"\\[AZzGNpPxuU0-9]", pattern):
+        return None
+    out: list[str] = []
+    in_class = False
+    range_state = ""  # in a class: "open" after a range's -, "closed" after the atom that ends the range
+    position = 0
+    while position < len(pattern):
+        char, following = pattern[position], pattern[position + 1:position + 2]
+        if not in_class:
+            if char == "\\" and following:
+                out.append("\\" + following if following.isalnum() or following in SYNTAX_ESCAPES else following)
+                position += 2
+                continue
+            out.append(char)
+            if char == "[":
+                in_class, range_state = True, ""
+                if following == "^":
+                    out.append("^")
+                    position += 1
+        elif char == "]":
+            in_class = False
+            out.append("]")
+        elif char == "-" and out[-1] not in ("[", "^") and following not in ("", "]") and range_state == "" \
+                and not re.fullmatch(r"\\[dwsDWS]", out[-1]):
+            out.append("-")  # a range, such as a-z
+            range_state = "open"
+        else:
+            if char == "\\" and following:
+                out.append("\\" + following if following.isalnum() or following in CLASS_ESCAPES else following)
+                position += 1
+            else:
+                out.append("\\" + char if char in CLASS_ESCAPES else char)
+            range_state = "closed" if range_state == "open" else ""
+        position += 1
+    return None if in_class else "".join(out)
 
 
 #

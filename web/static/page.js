@@ -115,6 +115,7 @@
     let delay = FIRST_DELAY;
     let timer = null;
     let running = null; // {duration, at}: the job's duration as last told, and when
+    let following = true; // the page keeps the log's end in view until the person scrolls up
 
     function headers() {
       return key ? {"X-ApiKey": key} : {};
@@ -199,7 +200,6 @@
     }
 
     function append(entries) {
-      const following = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40;
       log.append(...entries.map(([, level, message]) => entryItem(level, message)));
       while (log.children.length > MAX_ENTRIES) {
         log.firstElementChild.remove();
@@ -207,8 +207,12 @@
       }
       showEarlier();
       if (following && entries.length) {
-        window.scrollTo(0, document.documentElement.scrollHeight);
+        toEnd();
       }
+    }
+
+    function toEnd() {
+      window.scrollTo(0, document.documentElement.scrollHeight);
     }
 
     async function poll() {
@@ -297,6 +301,9 @@
       unlocked = true;
       fillKeys();
       details.hidden = false;
+      if (!final) {
+        toEnd();
+      }
       const keyForm = document.getElementById("key-form");
       if (keyForm) {
         keyForm.hidden = true;
@@ -304,6 +311,9 @@
       schedule();
     }
 
+    window.addEventListener("scroll", () => {
+      following = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40;
+    }, {passive: true});
     earlierButton.addEventListener("click", loadEarlier);
     showEarlier();
     if (!unlocked) {
@@ -339,6 +349,7 @@
     }
     if (unlocked && !final) {
       state.textContent = "The job is running: new entries appear as they are logged.";
+      toEnd();
       schedule();
     }
   }
