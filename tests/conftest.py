@@ -1,20 +1,28 @@
-"""Fixtures shared by the tests: an in-process app under WebTest on either store, a real `python app.py` on
-loopback, a throwaway PostgreSQL server, and helpers that read a job store directly on both stores."""
+"""Fixtures and helpers shared by the tests: an in-process app under WebTest on either store, a real
+`python app.py` on loopback, `app.main()` run in-process, a throwaway PostgreSQL server, helpers that read a
+job store directly on both stores, and request helpers that work alike on an in-process app and a real server."""
 
+import collections
+import concurrent.futures
 import contextlib
+import errno
 import http.client
 import itertools
 import json
+import logging
 import os
-import sqlite3
+import re
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import webtest
@@ -24,6 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import app as server_module  # noqa: E402
 from postgres_server import PostgresServer, missing_postgres_message  # noqa: E402
+
+FORM = "application/x-www-form-urlencoded"
+TEXT = "text/plain; charset=utf-8"
+FINAL = ("Succeeded", "Warning", "Error")
+STATUS_WORDS = ("Pending", "Executing", *FINAL)
+LEVEL_PREFIXES = ("DEBUG: ", "INFO: ", "WARN: ", "ERROR: ")
 
 
 def pytest_configure(config):
@@ -42,6 +56,11 @@ def wait_for(condition, timeout=10.0, interval=0.01, what="a condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+#
+# Job processes: pids that jobs write, and whether they still run.
+#
 
 
 def alive(pid: int) -> bool:
@@ -90,6 +109,44 @@ def leftovers():
                 pass
 
 
+def make_fifo(directory: Path, name: str) -> Path:
+    """A fifo for a job to read a line from (`read line < "$Fifo"`): the job waits there until released."""
+    path = directory / name
+    os.mkfifo(path)
+    return path
+
+
+def fifo_has_reader(path) -> bool:
+    """Whether a process has the fifo open for reading. Opening it for writing releases that reader (it reads
+    EOF when we close), so only ask this of a fifo that must have no reader."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            return False
+        raise
+    os.close(descriptor)
+    return True
+
+
+def release(path, line=b"go\n", timeout=10):
+    """Wait until a job reads the fifo, then give it one line."""
+
+    def open_for_writing():
+        try:
+            return [os.open(path, os.O_WRONLY | os.O_NONBLOCK)]
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                return None
+            raise
+
+    descriptor = wait_for(open_for_writing, timeout, what=f"a job reading {path}")[0]
+    try:
+        os.write(descriptor, line)
+    finally:
+        os.close(descriptor)
+
+
 #
 # The stores: SQLite in tmp_path, or a database on a PostgreSQL server the suite starts itself.
 #
@@ -115,13 +172,47 @@ def postgres():
 _databases = itertools.count(1)
 
 
+class FreshDatabases:
+    """Empty databases on the suite's PostgreSQL server, each made a little before a test asks for it: a thread
+    of its own keeps two ready and drops the used ones, so that no test waits for CREATE DATABASE (a tenth of
+    a second or two, for every PostgreSQL test)."""
+
+    AHEAD = 2
+
+    def __init__(self, server: PostgresServer):
+        self.server = server
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fresh-databases")
+        self.ready = collections.deque(self.worker.submit(self.create) for _ in range(self.AHEAD))
+
+    def create(self) -> tuple[str, str]:
+        name = f"test_{next(_databases)}"
+        return name, self.server.create_database(name)
+
+    def take(self) -> tuple[str, str]:
+        """(name, URL) of a fresh database; give the name back to drop() when done with it."""
+        self.ready.append(self.worker.submit(self.create))
+        return self.ready.popleft().result()
+
+    def drop(self, name: str) -> None:
+        self.worker.submit(self.server.drop_database, name)
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def fresh_databases(postgres):
+    databases = FreshDatabases(postgres)
+    yield databases
+    databases.close()
+
+
 @pytest.fixture
-def postgres_url(postgres):
+def postgres_url(fresh_databases):
     """A fresh, empty PostgreSQL database for one test."""
-    name = f"test_{next(_databases)}"
-    url = postgres.create_database(name)
+    name, url = fresh_databases.take()
     yield url
-    postgres.drop_database(name)
+    fresh_databases.drop(name)
 
 
 def store_database(kind: str, request, tmp_path) -> str:
@@ -135,6 +226,16 @@ def store_database(kind: str, request, tmp_path) -> str:
 def database(tmp_path):
     """The store make_app uses; modules that test both stores override it with a parametrized one."""
     return str(tmp_path / "jobs.db")
+
+
+def database_of(where) -> str:
+    """The store of an in-process app (webtest.TestApp), of a real server (ServerProcess), or a store itself
+    (a SQLite path or a PostgreSQL URL)."""
+    if isinstance(where, webtest.TestApp):
+        return where.app.config["DATABASE"]
+    if isinstance(where, ServerProcess):
+        return str(where.db)
+    return str(where)
 
 
 @contextlib.contextmanager
@@ -151,8 +252,10 @@ def connect(database: str):
             connection.commit()
 
 
-def query(database: str, sql: str, *args) -> list[tuple]:
-    """Rows read from a store directly, on either kind: `?` placeholders, as in SQLite."""
+def query(where, sql: str, *args) -> list[tuple]:
+    """Rows read from a store directly, on either kind: `?` placeholders, as in SQLite. `where` is the store
+    or an app or server on it (see database_of)."""
+    database = database_of(where)
     if database.startswith("postgresql:"):
         sql = sql.replace("?", "%s")
     with connect(database) as connection:
@@ -160,43 +263,224 @@ def query(database: str, sql: str, *args) -> list[tuple]:
         return cursor.fetchall() if cursor.description else []
 
 
-def stored_variables(database: str, token) -> dict:
+def stored_variables(where, token) -> dict:
     """A job's variables as the store keeps them: a secret's value while the job is not final, None after."""
-    variables, secrets = query(database, "SELECT variables, secrets FROM jobs WHERE id = ?", int(token))[0]
+    variables, secrets = query(where, "SELECT variables, secrets FROM jobs WHERE id = ?", int(token))[0]
     return {**json.loads(variables), **json.loads(secrets or "{}")}
 
 
-def job_count(database: str) -> int:
-    return query(database, "SELECT count(*) FROM jobs")[0][0]
+def job_count(where) -> int:
+    """How many jobs the store holds (see database_of for `where`)."""
+    return query(where, "SELECT count(*) FROM jobs")[0][0]
+
+
+@contextlib.contextmanager
+def adds_no_job(where):
+    """Asserts that what the block does (a refused request) leaves the store with as many jobs as before."""
+    before = job_count(where)
+    yield
+    assert job_count(where) == before, "a refused request added a job"
+
+
+#
+# An app in this process, under WebTest.
+#
+
+
+def new_app(templates_path: Path, database: str, **config) -> webtest.TestApp:
+    """A started app on its own templates file and store; stop it with shutdown_app(client.app, grace)."""
+    settings = {"DATABASE": database, "TEMPLATES": str(templates_path), "WORKERS": 2}
+    settings.update(config)
+    return webtest.TestApp(server_module.create_app(settings))
 
 
 @pytest.fixture
 def make_app(tmp_path, database):
-    """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on the test's store."""
-    apps = []
+    """make_app(templates_toml, **config) -> webtest.TestApp around a fresh app on the test's store; config
+    holds create_app's upper-case keys (WORKERS=2 unless given). Every app is shut down after the test."""
+    clients = []
 
     def make(templates: str, **config):
-        path = tmp_path / f"templates{len(apps)}.toml"
+        path = tmp_path / f"templates{len(clients)}.toml"
         path.write_text(textwrap.dedent(templates))
-        settings = {"DATABASE": database, "TEMPLATES": str(path), "WORKERS": 2}
-        settings.update(config)
-        app = server_module.create_app(settings)
-        apps.append(app)
-        return webtest.TestApp(app)
+        clients.append(new_app(path, database, **config))
+        return clients[-1]
 
     yield make
-    for app in apps:
-        server_module.shutdown_app(app, grace=5)
+    for client in clients:
+        stop_app(client)
 
 
-def final_status(client, token, key=None, timeout=20):
+def stop_app(client: webtest.TestApp, grace: float = 5) -> None:
+    """Shut an in-process app down (once: make_app's teardown skips an app a test already stopped)."""
+    site = client.app.extensions["jobserver"]
+    if not site.runner.stopped.is_set():
+        server_module.shutdown_app(client.app, grace=grace)
+
+
+@contextlib.contextmanager
+def module_app(request, tmp_path_factory, templates: str, kind: str = "sqlite", **config):
+    """One app on a fresh store of this kind, for a module-scoped fixture: the tables of requests that leave
+    nothing behind for the other rows to see share it (an app per row would cost most of their run time)."""
+    path = tmp_path_factory.mktemp("module-app") / "templates.toml"
+    path.write_text(textwrap.dedent(templates))
+    if kind == "postgresql":
+        name, database = request.getfixturevalue("fresh_databases").take()
+    else:
+        database = str(path.parent / "jobs.db")
+    client = new_app(path, database, **config)
+    try:
+        yield client
+    finally:
+        stop_app(client)
+        if kind == "postgresql":
+            request.getfixturevalue("fresh_databases").drop(name)
+
+
+#
+# Requests that work alike on an in-process app (webtest.TestApp) and a real server (ServerProcess).
+#
+
+
+class Answer(NamedTuple):
+    status: int
+    text: str
+    headers: dict
+
+
+def send(target, method: str, path: str, params=(), headers=None) -> Answer:
+    """One request: its parameters (a dict or a list of pairs; None values left out) in the query string for
+    GET, in a form body for POST."""
+    pairs = [(name, value) for name, value in (params.items() if isinstance(params, dict) else params)
+             if value is not None]
+    if isinstance(target, ServerProcess):
+        if method == "GET":
+            return Answer(*target.request("GET", path, pairs, headers=headers))
+        return Answer(*target.request(method, path, body=pairs, headers=headers))
+    if method == "GET":
+        response = target.get(path, pairs, headers=headers, expect_errors=True)
+    else:
+        response = target.request(path, method=method, body=urllib.parse.urlencode(pairs).encode(),
+                                  headers={"Content-Type": FORM, **(headers or {})}, expect_errors=True)
+    return Answer(response.status_int, response.text, response.headers)
+
+
+def call(target, method: str, path: str, params=(), status=200, headers=None) -> Answer:
+    """send(), checking the status code and that the answer is plain UTF-8 text."""
+    answer = send(target, method, path, params, headers)
+    assert answer.status == status, f"{method} {path} {params}: {answer.status} {answer.text!r}"
+    assert answer.headers["Content-Type"] == TEXT, answer.headers
+    return answer
+
+
+def trigger(target, template, key=None, status=200, **variables) -> str:
+    """The answer to GET /api/jobs/trigger: a token (checked to be one) when it must be 200, else the reason."""
+    text = call(target, "GET", "/api/jobs/trigger", {"template": template, "key": key, **variables}, status).text
+    if status == 200:
+        assert re.fullmatch(r"[1-9][0-9]*", text), text
+    else:
+        assert text.strip(), "a refusal says why"
+    return text
+
+
+def status_of(target, token, key=None, **params) -> str:
+    """The job's status word (GET /api/jobs/status, which must answer 200)."""
+    word = call(target, "GET", "/api/jobs/status", {"token": token, "key": key, **params}).text
+    assert word in STATUS_WORDS, word
+    return word
+
+
+def final_status(target, token, key=None, timeout=30) -> str:
     """Wait (server side, with status&wait) until the job is final; returns the status word."""
-    params = {"token": token, "wait": timeout}
-    if key:
-        params["key"] = key
-    status = client.get("/api/jobs/status", params).text
-    assert status in ("Succeeded", "Warning", "Error"), f"job {token} still {status}"
-    return status
+    word = status_of(target, token, key=key, wait=timeout)
+    assert word in FINAL, f"job {token} still {word}"
+    return word
+
+
+def assert_well_formed_log(text: str) -> str:
+    """A served log: every line (whatever a reader takes for a line break) starts with a real level prefix, no
+    NUL, and a newline after the last line."""
+    assert "\x00" not in text, f"NUL served in the log: {text[:300]!r}"
+    assert text == "" or text.endswith("\n"), f"log does not end with a newline: {text[-100:]!r}"
+    for line in text.splitlines():
+        assert line.startswith(LEVEL_PREFIXES), f"a served line has no level prefix: {line[:200]!r}"
+    return text
+
+
+def logs_of(target, token, key=None, **params) -> str:
+    """The job's log text (GET /api/jobs/logs, which must answer 200), checked to be well formed."""
+    return assert_well_formed_log(call(target, "GET", "/api/jobs/logs", {"token": token, "key": key, **params}).text)
+
+
+def run_job(target, template, key=None, **variables) -> tuple[str, str, str]:
+    """Trigger, wait until final; (token, status, logs)."""
+    token = trigger(target, template, key=key, **variables)
+    return token, final_status(target, token, key=key), logs_of(target, token, key=key)
+
+
+def wait_for_log(target, token, text, timeout=10):
+    """Follow the job's log (offset and wait) until `text` is in it; returns the log so far."""
+    deadline = time.monotonic() + timeout
+    seen, offset = "", 0
+    while text not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
+        answer = call(target, "GET", "/api/jobs/logs", {"token": token, "offset": offset,
+                                                         "wait": f"{min(remaining, 5):.2f}"})
+        seen += answer.text
+        offset = int(answer.headers["X-Log-Offset"])
+        if answer.headers["X-Job-Complete"] == "true" and text not in seen:
+            raise AssertionError(f"job {token} ended without logging {text!r}; log: {seen!r}")
+    return seen
+
+
+# The names the real-server tests knew these by.
+status_word, logs = status_of, logs_of
+
+
+#
+# The command line in this process: app.main([...]).
+#
+
+
+@pytest.fixture
+def run_main(capsys):
+    """run_main(*args) -> (exit code, stdout, stderr) of app.main(args) in this process, for start-ups that
+    fail (one that succeeds would serve until a signal). main() sends its events through a logging handler of
+    its own: the "jobserver" logger is put back as it was afterwards."""
+    logger = logging.getLogger("jobserver")
+    saved = logger.handlers[:], logger.level, logger.propagate
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = server_module.main(list(args))
+        except SystemExit as exit:  # argparse: --help, and options it refuses
+            code = exit.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    handlers, level, logger.propagate = saved
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def assert_one_clear_line(code: int, out: str, err: str, *needles: str) -> str:
+    """A start-up that fails: exit code 2, nothing served, one line on stderr naming each needle."""
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err
+    assert out == "", "nothing may be served"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("app.py: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+#
+# A real `python app.py`.
+#
 
 
 class ServerProcess:
@@ -235,14 +519,15 @@ class ServerProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
-    def request(self, method, path, params=None, body=None, headers=None, timeout=30):
-        """(status, body text, headers dict) of one request on a new connection."""
+    def request(self, method, path, params=None, body=None, headers=None, timeout=90):
+        """(status, body text, headers dict) of one request on a new connection; a dict or list of pairs as
+        the body is sent form-encoded."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             url = path + ("?" + urllib.parse.urlencode(params) if params else "")
-            if isinstance(body, dict):
+            if isinstance(body, (dict, list)):
                 body = urllib.parse.urlencode(body)
-                headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+                headers = {"Content-Type": FORM, **(headers or {})}
             connection.request(method, url, body=body, headers=headers or {})
             response = connection.getresponse()
             return response.status, response.read().decode("utf-8"), dict(response.getheaders())
@@ -253,15 +538,10 @@ class ServerProcess:
         return self.request("GET", path, params)
 
     def trigger(self, template, **variables):
-        status, body, _ = self.get("/api/jobs/trigger", template=template, **variables)
-        assert status == 200, body
-        return body
+        return trigger(self, template, **variables)
 
-    def final_status(self, token, timeout=30, **params):
-        status, body, _ = self.get("/api/jobs/status", token=token, wait=timeout, **params)
-        assert status == 200, body
-        assert body in ("Succeeded", "Warning", "Error"), f"job {token} still {body}"
-        return body
+    def final_status(self, token, timeout=30, key=None):
+        return final_status(self, token, key=key, timeout=timeout)
 
     def signal(self, signum):
         os.kill(self.process.pid, signum)
@@ -286,9 +566,28 @@ class ServerProcess:
         return self.wait()
 
 
+#
+# Jobs the real-server tests share: scripts that write their pids and wait on a gate file in the test's
+# directory, given to them as $Dir.
+#
+
+HELLO = '[hello]\nallow_new_variables = true\n[[hello.steps]]\nlog = "hi"\n\n'
+GATE = 'echo started; while [ ! -e "$Dir/go" ]; do sleep 0.02; done'  # until the test creates $Dir/go
+# A job that leaves a child and a grandchild running, with their pids in $Dir/child and $Dir/grandchild.
+FAMILY = 'sleep 300 & echo $! > "$Dir/grandchild"; echo $$ > "$Dir/child"; echo started; {then}'
+
+
+def dir_template(name: str, run: str, after: str = "", **variables) -> str:
+    """A template whose run step gets the test's directory as $Dir; `after` is TOML that follows the run step
+    (more of its fields, more steps), `variables` more variables as TOML values."""
+    names = "".join(f"{variable} = {value}\n" for variable, value in {"Dir": '""', **variables}.items())
+    return f"[{name}]\n[{name}.variables]\n{names}[[{name}.steps]]\nrun = \'\'\'{run}\'\'\'\n{after}\n"
+
+
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(templates_toml, *args, db=None) -> a started ServerProcess, stopped after the test."""
+    """start_server(templates_toml, *args, db=None, directory=None) -> a started ServerProcess, stopped after
+    the test."""
     servers = []
 
     def start(templates: str, *args: str, db=None, directory=None):
@@ -312,36 +611,39 @@ def start_server(tmp_path):
         server.close_files()
 
 
-#
-# Small helpers on a ServerProcess.
-#
+class KeepAliveClient:
+    """One reused HTTP connection to a real server; counts how often it had to (re)connect."""
+
+    def __init__(self, port, timeout=60):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.connects = 0
+
+    def get(self, path, **params) -> Answer:
+        if self.connection.sock is None:
+            self.connects += 1
+        self.connection.request("GET", path + "?" + urllib.parse.urlencode(params))
+        response = self.connection.getresponse()
+        return Answer(response.status, response.read().decode("utf-8"), dict(response.getheaders()))
+
+    def close(self):
+        self.connection.close()
 
 
-def status_word(server, token, **params):
-    """The job's status word (GET /api/jobs/status, which must answer 200)."""
-    status, body, _ = server.get("/api/jobs/status", token=token, **params)
-    assert status == 200, body
-    return body
+def run_threads(count, target, timeout):
+    """Run target(index) on `count` threads; returns the exceptions they raised."""
+    failures = []
 
+    def guarded(index):
+        try:
+            target(index)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            failures.append(error)
 
-def logs(server, token, **params):
-    """The job's log text (GET /api/jobs/logs, which must answer 200)."""
-    status, body, headers = server.get("/api/jobs/logs", token=token, **params)
-    assert status == 200, body
-    return body
-
-
-def wait_for_log(server, token, text, timeout=10):
-    """Follow the job's log (offset and wait) until `text` is in it; returns the log so far."""
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
     deadline = time.monotonic() + timeout
-    seen, offset = "", 0
-    while text not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"job {token} never logged {text!r}; log: {seen!r}"
-        status, body, headers = server.get("/api/jobs/logs", token=token, offset=offset, wait=min(remaining, 5))
-        assert status == 200, body
-        seen += body
-        offset = int(headers["X-Log-Offset"])
-        if headers["X-Job-Complete"] == "true" and text not in seen:
-            raise AssertionError(f"job {token} ended without logging {text!r}; log: {seen!r}")
-    return seen
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), f"client threads still running after {timeout} s"
+    return failures
