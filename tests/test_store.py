@@ -1,7 +1,8 @@
 """The job store on both databases, in process: the queue (claims in trigger order, exactly once, max_concurrent
 held by the database), writes that hold only for the job's owner, leases and orphaned jobs, cancel, events,
-and the SQLite store's upgrade from the first schema."""
+and (SQLite only) the upgrade of a database of the first schema."""
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 import app as server_module
-from conftest import query, store_database
+from conftest import final_status, logs_of, query, store_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -161,9 +162,9 @@ def test_the_listener_hears_each_commit(store, instance):
     store.append_logs(job_id, instance, 0, [("INFO", "a"), ("INFO", "b")])
     store.finish_job(job_id, instance, "Warning", 2, [("WARN", "c")])
     Event, Progress = server_module.StoreEvent, server_module.Progress
-    assert [event for event in store.events if event.kind != "resync"] == [Event("work", job_id), Event("job", job_id, Progress("Executing", 0)),
-                            Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3)),
-                            Event("work")]
+    assert [event for event in store.events if event.kind != "resync"] == [
+        Event("work", job_id), Event("job", job_id, Progress("Executing", 0)),
+        Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3)), Event("work")]
 
 
 def test_logs_are_read_in_chunks_of_the_count_asked(store, instance):
@@ -186,6 +187,38 @@ def test_a_closed_or_unreachable_store_fails_with_its_own_error(database, tmp_pa
         server_module.open_store("postgresql://nobody@127.0.0.1:9/none", server_module.Settings(busy_timeout=1))
 
 
+# The schema of the first release, which databases in use may still have: app.py brings them up to date.
+FIRST_SCHEMA = """
+PRAGMA auto_vacuum = INCREMENTAL;
+CREATE TABLE IF NOT EXISTS template_versions (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    definition  TEXT NOT NULL,
+    key_digest  TEXT NOT NULL DEFAULT '',
+    UNIQUE (name, definition, key_digest)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    template_version INTEGER NOT NULL REFERENCES template_versions (id),
+    template         TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('Pending', 'Executing', 'Succeeded', 'Warning', 'Error')),
+    variables        TEXT NOT NULL,
+    process_group    INTEGER,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, id) WHERE status IN ('Pending', 'Executing');
+CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS logs (
+    job_id  INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    level   TEXT NOT NULL CHECK (level IN ('DEBUG', 'INFO', 'WARN', 'ERROR')),
+    message TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
 FIRST_SCHEMA_JOBS = [
     # id, status, variables (the secret Pw kept inside them, as the first schema did until a job was final)
     (1, "Succeeded", {"Name": "a"}),
@@ -194,27 +227,42 @@ FIRST_SCHEMA_JOBS = [
 ]
 
 
-def test_a_database_of_the_first_schema_is_brought_up_to_date(tmp_path):
-    from test_api import FIRST_SCHEMA
-
-    path = tmp_path / "jobs.db"
-    definition = {"max_concurrent": 1, "variables": {"Name": "", "Pw": {"secret": True}}, "steps": [{"log": "x"}]}
-    with sqlite3.connect(path) as db:
+def first_schema_database(path, definition: dict, jobs) -> None:
+    """A SQLite file as the first release left it: one template version and these (id, status, variables)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(FIRST_SCHEMA)
         db.execute("INSERT INTO template_versions (id, name, definition) VALUES (1, 't', ?)", (json.dumps(definition),))
-        for job_id, status, variables in FIRST_SCHEMA_JOBS:
+        for job_id, status, variables in jobs:
             db.execute("INSERT INTO jobs (id, template_version, template, status, variables, created_at)"
                        " VALUES (?, 1, 't', ?, ?, 0)", (job_id, status, json.dumps(variables)))
+        db.commit()
+
+
+def test_a_database_of_the_first_schema_is_brought_up_to_date(tmp_path):
+    path = tmp_path / "jobs.db"
+    definition = {"max_concurrent": 1, "variables": {"Name": "", "Pw": {"secret": True}}, "steps": [{"log": "x"}]}
+    first_schema_database(path, definition, FIRST_SCHEMA_JOBS)
     store = server_module.open_store(str(path))
     try:
-        rows = query(str(path), "SELECT id, variables, secrets, max_concurrent FROM jobs ORDER BY id")
+        rows = query(path, "SELECT id, variables, secrets, max_concurrent FROM jobs ORDER BY id")
         assert rows == [(1, '{"Name": "a", "Pw": null}', None, 1),
                         (2, '{"Name": "b", "Pw": null}', '{"Pw": "pending-secret"}', 1),
                         (3, '{"Name": "c", "Pw": null}', '{"Pw": "running-secret"}', 1)]
         store.register_instance("new", 60)
         assert [row[0] for row in store.orphaned_jobs()] == [3], "a job left Executing by the old server is ended"
         assert store.claim_job("new").variables == {"Name": "b", "Pw": "pending-secret"}
-        assert query(str(path), "PRAGMA user_version") == [(server_module.SCHEMA_VERSION,)]
+        assert query(path, "PRAGMA user_version") == [(server_module.SCHEMA_VERSION,)]
     finally:
         store.close()
     server_module.open_store(str(path)).close()  # a second start finds it up to date
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # the first schema was SQLite's only
+def test_a_pending_job_of_a_stored_version_with_a_long_default_runs_after_an_upgrade(make_app, database):
+    """Defaults over 8 KiB are refused in templates.toml now; a version stored before, with its Pending jobs,
+    must still run them (its default is not used: the job's values were resolved when it was triggered)."""
+    definition = {"variables": {"Blob": "x" * 9000}, "steps": [{"run": 'echo "len=${#Blob}"'}]}
+    first_schema_database(database, definition, [(1, "Pending", {"Blob": "x" * 9000})])
+    client = make_app('[t]\n[t.variables]\nBlob = "short"\n[[t.steps]]\nrun = \'echo "len=${#Blob}"\'\n')
+    assert final_status(client, "1") == "Succeeded"
+    assert logs_of(client, "1") == "INFO: len=9000\n"
