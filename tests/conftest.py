@@ -584,16 +584,25 @@ def dir_template(name: str, run: str, after: str = "", **variables) -> str:
     return f"[{name}]\n[{name}.variables]\n{names}[[{name}.steps]]\nrun = \'\'\'{run}\'\'\'\n{after}\n"
 
 
+# What start_server passes unless a test passes its own value of the option:
+# --max-followers 32: each start makes --http-threads + --max-followers waitress threads, and the default
+#   1,000 make every start and stop slower; a test of followers passes its own value.
+# --grace 0.5: a test that fails half-way, with jobs still running, still tears down in a second.
+SERVER_DEFAULTS = {"--max-followers": "32", "--grace": "0.5"}
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """start_server(templates_toml, *args, db=None, directory=None) -> a started ServerProcess, stopped after
-    the test."""
+    the test; SERVER_DEFAULTS come before `args` for each option that `args` leaves out."""
     servers = []
 
     def start(templates: str, *args: str, db=None, directory=None):
         directory = directory or tmp_path / f"server{len(servers)}"
         directory.mkdir(exist_ok=True)
-        server = ServerProcess(directory, templates, *args, db=db or tmp_path / "jobs.db")
+        defaults = [part for option, value in SERVER_DEFAULTS.items() if option not in args
+                    for part in (option, value)]
+        server = ServerProcess(directory, templates, *defaults, *args, db=db or tmp_path / "jobs.db")
         servers.append(server)
         return server.start()
 

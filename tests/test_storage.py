@@ -1,18 +1,19 @@
-"""Storage faults against a real server: a full disk (issue 3). A database locked by another program is in
-test_server.py.
+"""Storage faults against a real server (issue 3): a database locked by another program, and a full disk.
 
-The database lives on a small tmpfs that the test mounts and fills; where mounting is not allowed (not root,
-no tmpfs) the test is skipped with the reason.
+For the full disk the database lives on a small tmpfs that the test mounts and fills; where mounting is not
+allowed (not root, no tmpfs) the test is skipped with the reason.
 """
 
 import errno
 import os
-import sqlite3
+import re
 import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import job_count, logs, status_word, wait_for
 
 TEMPLATES = """
 [quick]
@@ -21,12 +22,63 @@ log = "done"
 
 [chatty]
 [[chatty.steps]]
-run = 'echo $$ > chatty.pid; i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done'
+# A line every 50 ms until chatty.go exists, then how many there were.
+run = '''echo $$ > chatty.pid; i=0
+while [ ! -e chatty.go ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done; echo "lines: $i"'''
 
 [flood]
 [[flood.steps]]
 run = 'echo $$ > flood.pid; seq 1 150000; sleep 30'
 """
+
+
+#
+# A database locked by another program: writes wait --busy-timeout, then 503; reads go on.
+#
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+db.close()
+"""
+
+
+def test_locked_database_answers_503_then_recovers(start_server):
+    server = start_server(TEMPLATES, "--busy-timeout", "0.5")
+    before = server.trigger("quick")
+    assert server.final_status(before) == "Succeeded"
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(server.db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        started = time.monotonic()
+        status, body, headers = server.get("/api/jobs/trigger", template="quick")
+        elapsed = time.monotonic() - started
+        assert status == 503, body
+        assert 0.45 <= elapsed < 5, f"the 503 took {elapsed:.1f} s with --busy-timeout 0.5"
+        assert "Traceback" not in body and len(body) < 300 and body.strip(), body
+        assert re.search(r"store|database|storage", body, re.I), body
+        # Reads go on while another program holds the write lock (WAL).
+        assert status_word(server, before) == "Succeeded"
+        assert logs(server, before) == "INFO: done\n"
+    finally:
+        locker.communicate("release\n", timeout=10)
+    assert locker.returncode == 0
+    after = server.trigger("quick")
+    assert after == str(int(before) + 1), "the refused trigger left no job behind"
+    assert server.final_status(after) == "Succeeded"
+    assert logs(server, after) == "INFO: done\n"
+    assert "Traceback" not in server.stderr()
+    assert server.stop() == 0
+
+
+#
+# A full disk.
+#
 
 
 @pytest.fixture(params=["4m"])
@@ -55,11 +107,6 @@ def fill(path):
     raise AssertionError("the disk never filled")
 
 
-def job_count(db):
-    with sqlite3.connect(db) as connection:
-        return connection.execute("SELECT count(*) FROM jobs").fetchone()[0]
-
-
 def test_disk_full_refuses_triggers_keeps_reads_and_recovers(small_disk, start_server):
     server = start_server(TEMPLATES, db=small_disk / "jobs.db")
     done = server.trigger("quick")
@@ -84,11 +131,14 @@ def test_disk_full_refuses_triggers_keeps_reads_and_recovers(small_disk, start_s
     (small_disk / "filler").unlink()
     again = server.trigger("quick")
     assert server.final_status(again) == "Succeeded"
+    (server.directory / "chatty.go").touch()
     assert server.final_status(chatty) == "Succeeded"
-    assert server.get("/api/jobs/logs", token=chatty)[1] == "".join(f"INFO: line {i}\n" for i in range(60))
+    lines = logs(server, chatty).splitlines()  # every line printed, in order, none lost while the disk was full
+    printed = int(lines[-1].removeprefix("INFO: lines: "))
+    assert lines == [f"INFO: line {i}" for i in range(printed)] + [f"INFO: lines: {printed}"], lines
     wait_for(lambda: server.get("/healthz")[:2] == (200, "ok"), 10, what="the health check to recover")
     # Nothing half-written: exactly the jobs whose trigger answered 200 exist.
-    assert job_count(small_disk / "jobs.db") == 3
+    assert job_count(server) == 3
     assert "Traceback" not in server.stderr()
 
 
@@ -108,9 +158,9 @@ def test_a_job_whose_unstored_log_grows_past_its_bound_is_stopped(small_disk, st
 
 
 def test_an_instance_that_cannot_renew_its_lease_stops_its_jobs(small_disk, start_server):
-    """With --lease 2, an instance that cannot write for 1.5 s kills its jobs' processes before its lease runs
+    """With --lease 1, an instance that cannot write for 0.75 s kills its jobs' processes before its lease runs
     out; once the store is back, it serves as a new instance and the job ends in Error saying why."""
-    server = start_server(TEMPLATES, "--lease", "2", db=small_disk / "jobs.db")
+    server = start_server(TEMPLATES, "--lease", "1", db=small_disk / "jobs.db")
     chatty = server.trigger("chatty")
     server.get("/api/jobs/logs", token=chatty, offset=0, wait=10)
     pid = int((server.directory / "chatty.pid").read_text())
