@@ -164,7 +164,16 @@ def test_the_listener_hears_each_commit(store, instance):
     Event, Progress = server_module.StoreEvent, server_module.Progress
     assert [event for event in store.events if event.kind != "resync"] == [
         Event("work", job_id), Event("job", job_id, Progress("Executing", 0)),
-        Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3)), Event("work")]
+        Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3))]
+
+
+def test_a_job_that_frees_a_slot_tells_the_workers_there_is_work(store, instance):
+    limited = template(store, "limited", max_concurrent=1)
+    job_id = store.insert_job(limited, {})
+    store.claim_job(instance)
+    store.events.clear()
+    store.finish_job(job_id, instance, "Succeeded", 0, [])
+    assert [event.kind for event in store.events if event.kind != "resync"] == ["job", "work"]
 
 
 def test_logs_are_read_in_chunks_of_the_count_asked(store, instance):
