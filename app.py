@@ -2974,8 +2974,10 @@ def parse_json_object(body: bytes) -> tuple[list[tuple[str, str]], str | None]:
     """A JSON object body: API_Key is the key, every other member a parameter with a scalar value."""
     try:  # objects as JsonMembers lists, so that a name given twice is seen, as in a form
         data = json.loads(body, object_pairs_hook=JsonMembers)
-    except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a parameter list
+    except ValueError:
         raise ApiError("The request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError("The request body is JSON nested too deeply to be a list of parameters") from None
     if not isinstance(data, JsonMembers):
         raise ApiError("A JSON request body must be an object")
     if len(data) > MAX_PARAMETERS:
@@ -3563,7 +3565,7 @@ def guard_request():
     state_changing = getattr(view, "changes_state", False) or (
         request.blueprint == "pages" and request.method not in ("GET", "HEAD"))
     services().guard.check(state_changing)
-    if request.path.startswith("/api/jobs/") and request.method not in ("GET", "POST"):
+    if request.path.startswith("/api/") and request.method not in ("GET", "POST"):
         raise ApiError(f"Method {request.method} is not allowed here: use GET or POST", 405, {"Allow": "GET, POST"})
 
 
@@ -3731,11 +3733,14 @@ def main(argv: list[str] | None = None) -> int:
         db_connections=args.db_connections, allowed_hosts=tuple(args.allowed_host),
         allow_origins=tuple(args.allow_origin), public_names=public_names(host))
     log_writer = configure_logging(args.log_level, args.log_format)
+    claimed = None
     try:
         if not settings.database.startswith(("postgresql:", "postgres:")):
-            claim_database(settings.database)
+            claimed = claim_database(settings.database)
         app = create_app(dataclasses.asdict(settings))
     except (TemplateError, StoreError, OSError, ImportError) as error:
+        if claimed is not None:
+            os.close(claimed)  # create_app closed the store it opened
         listener.close()
         log_writer.stop()
         print(f"app.py: error: {start_failure(error, settings.database)}", file=sys.stderr)
@@ -3835,16 +3840,18 @@ def public_names(host: str) -> tuple[str, ...]:
     return tuple({socket.gethostname(), socket.getfqdn()} - {""})
 
 
-def claim_database(path: str) -> None:
+def claim_database(path: str) -> int:
     """Hold an exclusive flock on the database file for the life of the process: one server per SQLite
     database, whatever path (link, bind mount) names it. flock and SQLite's fcntl locks do not interact on
-    Linux, and the descriptor is never closed, so SQLite's own locks are never dropped by closing it."""
+    Linux. The descriptor is returned and kept open while the server runs: closing it would drop SQLite's
+    own locks of the file, so it is closed only when start-up failed and the store is closed."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
         raise OSError("another app.py is serving it (run several instances on PostgreSQL instead)") from None
+    return descriptor
 
 
 if __name__ == "__main__":

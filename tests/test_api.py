@@ -769,6 +769,13 @@ def test_other_methods_are_405(shared, three, method, path):
     assert response.text == ("" if method == "HEAD" else f"Method {method} is not allowed here: use GET or POST")
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_the_templates_listing_takes_get_and_post_only_like_the_job_endpoints(shared, method):
+    response = shared.request("/api/templates", method=method, status=405)
+    assert (response.headers["Content-Type"], response.headers["Allow"]) == (TEXT, "GET, POST")
+    assert response.text == f"Method {method} is not allowed here: use GET or POST"
+
+
 def test_body_over_max_body_is_413(make_app):
     client = make_app(VARIABLES, MAX_BODY=100)
     response = client.post("/api/jobs/trigger?template=free", "Extra=" + "x" * 200, content_type=FORM, status=413)
@@ -874,7 +881,8 @@ def test_malformed_bodies_are_refused(shared, path, body, content_type, status, 
 def test_deeply_nested_json_body_is_400(shared, endpoint, body):
     with adds_no_job(shared):
         response = shared.post(endpoint + "?template=free&token=1", body, content_type=JSON, expect_errors=True)
-    assert (response.status_int, response.text) == (400, "The request body is not valid JSON")
+    assert (response.status_int, response.text) == (400, "The request body is JSON nested too deeply to be a list"
+                                                         " of parameters")
 
 
 def test_an_empty_json_body_is_no_body(shared):

@@ -46,6 +46,15 @@ def test_malformed_toml_names_file_and_line(run_main, templates, tmp_path):
     assert re.search(r"line 4\b", line), line
 
 
+def test_a_failed_start_lets_the_database_go(run_main, templates, tmp_path):
+    """The lock that keeps a second server off the database is let go when start-up fails: a second try in
+    the same process names the same problem, not "another app.py is serving it"."""
+    templates.write_text("[broken\n")
+    first = run_main(*start_args(templates, tmp_path / "jobs.db"))
+    second = run_main(*start_args(templates, tmp_path / "jobs.db"))
+    assert first == second and "invalid TOML" in first[2], (first, second)
+
+
 @pytest.mark.parametrize("toml, field", [
     ('[hello]\ncolour = "red"\n[[hello.steps]]\nlog = "x"\n', "colour"),
     ('[hello]\n[[hello.steps]]\nlog = "x"\nrun = "true"\n', "steps[0]"),
