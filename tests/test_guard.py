@@ -580,7 +580,7 @@ def test_every_response_carries_nosniff_and_corp_and_no_cors(plain_app, finished
         ("GET", "/api/jobs/trigger", {}, None, 400), ("GET", "/api/jobs/trigger", {"template": "nope"}, None, 404),
         ("GET", "/api/nope", None, None, 404), ("GET", "/nope", None, None, 404),
         ("PUT", "/api/jobs/trigger", None, None, 405), ("OPTIONS", "/api/jobs/trigger", None, None, 405),
-        ("OPTIONS", "/api/jobs/trigger", None, preflight, 403), ("HEAD", "/api/templates", None, None, 200),
+        ("OPTIONS", "/api/jobs/trigger", None, preflight, 403), ("HEAD", "/api/templates", None, None, 405),
         ("GET", "/", None, None, 200), ("GET", f"/jobs/{finished['open']}", None, navigate, 200),
         ("GET", "/static/page.js", None, None, 200), ("GET", "/healthz", None, None, 200),
         ("GET", "/metrics", None, None, 200), ("POST", "/api/jobs/trigger", {"template": "open"}, evil, 403),
