@@ -42,7 +42,7 @@ import tomllib
 import traceback
 import urllib.parse
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -1044,7 +1044,8 @@ UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_re
     slot = CASE WHEN jobs.max_concurrent IS NULL THEN NULL ELSE {NEXT_FREE_SLOT.format(row='jobs')} END
 FROM candidate
 WHERE jobs.id = candidate.id AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
-RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets
+RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets,
+    EXISTS (SELECT 1 FROM jobs o WHERE o.status = 'Pending' AND o.id <> jobs.id)
 """
 
 # A worker's writes about its job hold only while its instance owns the job and holds its lease, so an
@@ -1085,6 +1086,15 @@ class JobStore:
     def _transaction(self) -> contextlib.AbstractContextManager:
         """A connection in a write transaction, committed when the block ends without an error."""
         raise NotImplementedError
+
+    def _commit(self, operation: Callable, events) -> tuple:
+        """(result, events) of operation(db), committed in a transaction of its own."""
+        with self._transaction() as db:
+            result = operation(db)
+            happened = events(result) if callable(events) else events or []
+            if happened:
+                self._announce(db, happened)
+        return result, happened
 
     def _announce(self, db, events: list[StoreEvent]) -> None:
         """Tell the other instances about these events, inside the transaction (nothing for SQLite)."""
@@ -1140,6 +1150,11 @@ class JobStore:
     def _run(self, db, statement: str, parameters=()):
         return db.execute(self.sql(statement), parameters)
 
+    def _changed(self, db, statement: str, parameters=()) -> bool:
+        """Whether an UPDATE changed a row (read back with RETURNING, which a pipeline answers; rowcount it
+        does not)."""
+        return self._run(db, statement + " RETURNING 1", parameters).fetchone() is not None
+
     def _one(self, statement: str, parameters=()):
         with self._read() as db:
             return self._run(db, statement, parameters).fetchone()
@@ -1149,14 +1164,11 @@ class JobStore:
             return self._run(db, statement, parameters).fetchall()
 
     def _write(self, operation: Callable, events: Callable | list | None = None):
-        """Run operation(db) in one transaction and return its result. events (a list, or a function of the
-        result giving one) are announced inside the transaction and given to the listener after the commit."""
+        """Run operation(db) in a transaction and return its result once committed. events (a list, or a
+        function of the result giving one) are announced to other instances with the commit and given to the
+        listener after it."""
         try:
-            with self._transaction() as db:
-                result = operation(db)
-                happened = events(result) if callable(events) else events or []
-                if happened:
-                    self._announce(db, happened)
+            result, happened = self._commit(operation, events)
         except SlotTaken:
             raise  # not a failure of the database: the claim is made again
         except StoreError as error:
@@ -1269,11 +1281,7 @@ class JobStore:
         """Take the oldest Pending job whose template has a free slot and mark it Executing for this instance,
         in one statement; None when there is none (or this instance's lease has run out)."""
         def claim(db):
-            row = self._run(db, CLAIM_JOB, (instance, instance)).fetchone()
-            if row is None:
-                return None
-            more = self._run(db, "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'Pending')").fetchone()[0]
-            return (*row, bool(more))
+            return self._run(db, CLAIM_JOB, (instance, instance)).fetchone()
 
         for _attempt in range(20):
             try:
@@ -1284,7 +1292,7 @@ class JobStore:
                 return None
             variables = json.loads(row[2])
             variables.update(json.loads(row[3]) if row[3] else {})
-            return Claim(row[0], row[1], variables, row[4])
+            return Claim(row[0], row[1], variables, bool(row[4]))
         return None
 
     def note_process_group(self, job_id: int, instance: str, group: int) -> None:
@@ -1334,12 +1342,12 @@ class JobStore:
         """Cancel a job: a Pending one ends in Error at once ("canceled"); an Executing one is marked for its
         instance to stop ("requested"); a final one is left as it was (its status). None: no such job."""
         def cancel(db):
-            if self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL"
-                             " WHERE id = ? AND status = 'Pending'", (job_id,)).rowcount:
+            if self._changed(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL"
+                                 " WHERE id = ? AND status = 'Pending'", (job_id,)):
                 self._insert_logs(db, job_id, 0, [("ERROR", "Job canceled")])
                 return "canceled"
-            if self._run(db, "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'Executing'",
-                         (job_id,)).rowcount:
+            if self._changed(db, "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'Executing'",
+                             (job_id,)):
                 return "requested"
             row = self._run(db, "SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return row[0] if row else None
@@ -1403,9 +1411,8 @@ class JobStore:
     def renew_lease(self, instance: str, lease: float) -> bool:
         """Extend this instance's lease, by the database's clock; False when it had already run out (others may
         be ending its jobs: it must start again as a new instance)."""
-        return bool(self._write(lambda db: self._run(
-            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}",
-            (lease, instance)).rowcount))
+        return self._write(lambda db: self._changed(
+            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}", (lease, instance)))
 
     def end_lease(self, instance: str) -> None:
         """This instance stops: its lease ends now (its jobs are already final)."""
@@ -1421,10 +1428,9 @@ class JobStore:
         """End in Error a job whose instance stopped, with an entry saying so; False when it was already final
         (or claimed by its owner's successor)."""
         def end(db):
-            changed = self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
-                                    " process_group = NULL WHERE id = ? AND status = 'Executing'"
-                                    " AND coalesce(owner, '') = coalesce(?, '')", (job_id, owner)).rowcount
-            if not changed:
+            if not self._changed(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
+                                     " process_group = NULL WHERE id = ? AND status = 'Executing'"
+                                     " AND coalesce(owner, '') = coalesce(?, '')", (job_id, owner)):
                 return None
             seq = self._run(db, "SELECT coalesce(max(seq) + 1, 0) FROM logs WHERE job_id = ?", (job_id,)).fetchone()[0]
             self._insert_logs(db, job_id, seq, [("ERROR", message)])
@@ -1513,7 +1519,6 @@ class SQLiteStore(JobStore):
         if sqlite3.sqlite_version_info < (3, 35):
             raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed")
         self.path, self.busy_timeout = str(path), busy_timeout
-        self._write_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
@@ -1524,6 +1529,7 @@ class SQLiteStore(JobStore):
             except BaseException:
                 self._writer.close()
                 raise
+        self._group = GroupCommit(self._writer)
         self.opened = True
 
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
@@ -1577,20 +1583,10 @@ class SQLiteStore(JobStore):
                 if not keep:
                     connection.close()
 
-    @contextlib.contextmanager
-    def _transaction(self):
-        with self._write_lock, self._errors():
-            if self._closed:
-                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
-            db = self._writer
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+    def _commit(self, operation: Callable, events) -> tuple:
+        with self._errors():
+            result = self._group.run(operation)
+        return result, events(result) if callable(events) else events or []
 
     def health_problem(self) -> str | None:
         """Also whether another program holds the database's write lock: taking the lock and letting it go
@@ -1616,13 +1612,117 @@ class SQLiteStore(JobStore):
         self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
 
     def close(self) -> None:
-        with self._write_lock:
-            self._closed = True
-            self._writer.close()
+        self._closed = True
+        self._group.close()
+        self._writer.close()
         with self._readers_lock:
             readers, self._readers = self._readers, []
         for connection in readers:
             connection.close()
+
+
+class QueuedWrite:
+    """A write waiting for the next transaction, and then its outcome."""
+
+    __slots__ = ("operation", "done", "turn", "finished", "result", "error")
+
+    def __init__(self, operation: Callable):
+        self.operation = operation
+        self.done = threading.Lock()  # held until the write is committed (or failed), or it is this one's turn
+        self.done.acquire()
+        self.turn = self.finished = False
+        self.result = self.error = None
+
+
+class GroupCommit:
+    """The SQLite store's writes, committed together on its one connection.
+
+    Every SQLite call gives up the interpreter lock, and under load getting it back takes a while: with one
+    transaction per write, a write held the store's lock for milliseconds while requests queued behind it. So
+    a thread queues its write; when no commit is under way it commits, in one transaction, every write queued
+    by then, else it sleeps on a lock of its write's own until a committer has done its write. Once its own
+    write is done, a committer wakes the writers of its batch and hands the turn to the oldest writer still
+    queued. A write that fails on its own (not the database: a lock, a full disk) is taken out and the others
+    are committed again, each alone."""
+
+    MAX_BATCH = 500
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.queue: deque[QueuedWrite] = deque()
+        self.mutex = threading.Lock()  # guards the queue and the flags; never held during a commit
+        self.idle = threading.Condition(self.mutex)
+        self.committing = self.closed = False
+
+    def run(self, operation: Callable):
+        """operation(db)'s result, once committed; raises what it raised, or what failed the transaction."""
+        write = QueuedWrite(operation)
+        with self.mutex:
+            if self.closed:
+                raise sqlite3.OperationalError("the job store is closed: the server is stopping")
+            self.queue.append(write)
+            waiting, self.committing = self.committing, True
+        if waiting:
+            write.done.acquire()  # until a committer has done it, or hands this thread the turn
+        if not write.finished:
+            self._take_turn(write)
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def _take_turn(self, own: QueuedWrite) -> None:
+        """Commit batches from the front of the queue until `own` is done, then hand the turn on."""
+        try:
+            while not own.finished:
+                with self.mutex:
+                    batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.MAX_BATCH))]
+                try:
+                    self._commit(batch)
+                finally:
+                    for write in batch:
+                        if write is not own:
+                            write.done.release()
+        finally:
+            with self.mutex:
+                if self.queue:
+                    self.queue[0].turn = True
+                    self.queue[0].done.release()
+                else:
+                    self.committing = False
+                    self.idle.notify_all()
+
+    def _commit(self, batch: list[QueuedWrite]) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                write.result = write.operation(db)
+            db.execute("COMMIT")
+        except BaseException as error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            alone = isinstance(error, Exception) and not isinstance(error, sqlite3.OperationalError)
+            if alone and len(batch) > 1:
+                for write in batch:  # one write's own error: each again, alone
+                    write.result = None
+                    self._commit([write])
+                return
+            for write in batch:  # the database failed (or an interrupt came): every write of the batch fails
+                write.result, write.finished = None, True
+                write.error = error if isinstance(error, Exception) else sqlite3.OperationalError(
+                    "the write was interrupted")
+            if not isinstance(error, Exception):
+                raise
+            return
+        for write in batch:
+            write.finished = True
+
+    def close(self) -> None:
+        """Refuse new writes, once the commit under way is done."""
+        with self.mutex:
+            self.closed = True
+            while self.committing:
+                self.idle.wait()
 
 
 def migrate_sqlite_from_1(db: sqlite3.Connection) -> None:
@@ -1734,7 +1834,9 @@ class PostgresStore(JobStore):
 
     @contextlib.contextmanager
     def _transaction(self):
-        with self._errors(), self.pool.connection() as db, db.transaction():
+        # In pipeline mode BEGIN, the statements and COMMIT go out together: one round trip for what is sent
+        # before a result is read, one for the rest, where each statement was a round trip of its own.
+        with self._errors(), self.pool.connection() as db, db.pipeline(), db.transaction():
             yield db
 
     def _announce(self, db, events: list[StoreEvent]) -> None:
@@ -1747,9 +1849,11 @@ class PostgresStore(JobStore):
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         if not entries:
             return
-        with db.cursor().copy("COPY logs (job_id, seq, level, message) FROM STDIN") as copy:
-            for i, (level, message) in enumerate(entries):
-                copy.write_row((job_id, first_seq + i, level, message))
+        # One statement for the whole batch, its columns as arrays (COPY cannot run in pipeline mode).
+        db.execute("INSERT INTO logs (job_id, seq, level, message) SELECT %s, first_seq + n - 1, level, message"
+                   " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
+                   " (SELECT %s::integer AS first_seq) AS start",
+                   (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
 
     def _prune_turn(self, db) -> bool:
         return db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]
