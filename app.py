@@ -1087,7 +1087,7 @@ class JobStore:
         """A connection in a write transaction, committed when the block ends without an error."""
         raise NotImplementedError
 
-    def _commit(self, operation: Callable, events) -> tuple:
+    def _commit(self, operation: Callable, events, single: bool) -> tuple:
         """(result, events) of operation(db), committed in a transaction of its own."""
         with self._transaction() as db:
             result = operation(db)
@@ -1163,12 +1163,12 @@ class JobStore:
         with self._read() as db:
             return self._run(db, statement, parameters).fetchall()
 
-    def _write(self, operation: Callable, events: Callable | list | None = None):
+    def _write(self, operation: Callable, events: Callable | list | None = None, single: bool = False):
         """Run operation(db) in a transaction and return its result once committed. events (a list, or a
         function of the result giving one) are announced to other instances with the commit and given to the
-        listener after it."""
+        listener after it. single: the operation is one statement, which commits on its own."""
         try:
-            result, happened = self._commit(operation, events)
+            result, happened = self._commit(operation, events, single)
         except SlotTaken:
             raise  # not a failure of the database: the claim is made again
         except StoreError as error:
@@ -1221,7 +1221,7 @@ class JobStore:
             lambda db: self._run(db, "INSERT INTO jobs (template_version, template, status, variables, secrets,"
                                      " max_concurrent, created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now})"
                                      " RETURNING id", row).fetchone()[0],
-            lambda job_id: [StoreEvent("work", job_id)],
+            lambda job_id: [StoreEvent("work", job_id)], single=True,
         )
 
     def get_job(self, job_id: int) -> JobRecord | None:
@@ -1285,7 +1285,7 @@ class JobStore:
 
         for _attempt in range(20):
             try:
-                row = self._write(claim, lambda row: [StoreEvent("job", row[0], Progress(EXECUTING, 0))] if row else [])
+                row = self._write(claim, single=True)  # no event: Executing with no entry is no waiter's news
             except SlotTaken:
                 continue  # another instance filled the slot first: claim again
             if row is None:
@@ -1299,7 +1299,7 @@ class JobStore:
         """The process group a job's step runs in, so that an instance on the same host can kill it if this
         one dies."""
         self._write(lambda db: self._run(db, "UPDATE jobs SET process_group = ? WHERE " + OWNED,
-                                         (group, job_id, instance)))
+                                         (group, job_id, instance)), single=True)
 
     def append_logs(self, job_id: int, instance: str, first_seq: int, entries: list[tuple[str, str]]) -> bool:
         """Store log entries of a job this instance runs; False (nothing stored) when it no longer owns it."""
@@ -1322,21 +1322,24 @@ class JobStore:
         values and freeing its slot; False (nothing stored) when it no longer owns the job."""
         entries = list(entries)
 
-        def finish(db):
-            row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
-                                " process_group = NULL WHERE " + OWNED + " RETURNING slot",
-                            (status, job_id, instance)).fetchone()
-            if row is not None:
-                self._insert_logs(db, job_id, first_seq, entries)
-            return row
-
         def events(row):
             if row is None:
                 return []
             ended = StoreEvent("job", job_id, Progress(status, first_seq + len(entries)))
             return [ended, StoreEvent("work")] if row[0] is not None else [ended]  # a freed slot: more may run
 
-        return self._write(finish, events) is not None
+        return self._write(lambda db: self._finish(db, job_id, instance, status, first_seq, entries), events,
+                           single=self.FINISH_IS_ONE_STATEMENT) is not None
+
+    FINISH_IS_ONE_STATEMENT = False
+
+    def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
+        """The final status and the last entries, if this instance owns the job; (its slot,) or None."""
+        row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL, process_group = NULL"
+                            " WHERE " + OWNED + " RETURNING slot", (status, job_id, instance)).fetchone()
+        if row is not None:
+            self._insert_logs(db, job_id, first_seq, entries)
+        return row
 
     def cancel_job(self, job_id: int) -> str | None:
         """Cancel a job: a Pending one ends in Error at once ("canceled"); an Executing one is marked for its
@@ -1412,7 +1415,8 @@ class JobStore:
         """Extend this instance's lease, by the database's clock; False when it had already run out (others may
         be ending its jobs: it must start again as a new instance)."""
         return self._write(lambda db: self._changed(
-            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}", (lease, instance)))
+            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}", (lease, instance)),
+            single=True)
 
     def end_lease(self, instance: str) -> None:
         """This instance stops: its lease ends now (its jobs are already final)."""
@@ -1583,7 +1587,7 @@ class SQLiteStore(JobStore):
                 if not keep:
                     connection.close()
 
-    def _commit(self, operation: Callable, events) -> tuple:
+    def _commit(self, operation: Callable, events, single: bool) -> tuple:
         with self._errors():
             result = self._group.run(operation)
         return result, events(result) if callable(events) else events or []
@@ -1782,7 +1786,7 @@ class PostgresStore(JobStore):
         self._stopping = threading.Event()
         self.pool = ConnectionPool(url, min_size=min(2, connections), max_size=connections, open=False,
                                    timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
-                                   check=ConnectionPool.check_connection)
+                                   check=self._check_if_idle)
         with self._errors():
             self._first_connection()
             self.pool.open(wait=True, timeout=busy_timeout)
@@ -1790,6 +1794,24 @@ class PostgresStore(JobStore):
         self.opened = True
         self._listening = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
         self._listening.start()
+
+    IDLE_CHECK_SECONDS = 1.0
+
+    @contextlib.contextmanager
+    def _lend(self):
+        """A connection of the pool, marked with when it was last used (see _check_if_idle)."""
+        with self.pool.connection() as db:
+            try:
+                yield db
+            finally:
+                db.returned_at = time.monotonic()
+
+    def _check_if_idle(self, db) -> None:
+        """Before a connection is lent: one that sat idle for a while may have lost its server (a restart), so
+        it is tried first with an empty query (the pool replaces it if that fails); one just returned is not,
+        which saves a round trip per statement under load."""
+        if time.monotonic() - getattr(db, "returned_at", 0.0) > self.IDLE_CHECK_SECONDS:
+            self.pool.check_connection(db)
 
     def _first_connection(self) -> None:
         """Connect once before the pool does, so that a wrong URL or password is told at once and clearly."""
@@ -1829,22 +1851,35 @@ class PostgresStore(JobStore):
 
     @contextlib.contextmanager
     def _read(self):
-        with self._errors(), self.pool.connection() as db:
+        with self._errors(), self._lend() as db:
             yield db
 
     @contextlib.contextmanager
     def _transaction(self):
         # In pipeline mode BEGIN, the statements and COMMIT go out together: one round trip for what is sent
         # before a result is read, one for the rest, where each statement was a round trip of its own.
-        with self._errors(), self.pool.connection() as db, db.pipeline(), db.transaction():
+        with self._errors(), self._lend() as db, db.pipeline(), db.transaction():
             yield db
 
+    def _commit(self, operation: Callable, events, single: bool) -> tuple:
+        if not single:
+            return super()._commit(operation, events, single)
+        # One statement commits on its own: no BEGIN, no COMMIT, and the other instances hear of it just after.
+        with self._errors(), self._lend() as db:
+            result = operation(db)
+            happened = events(result) if callable(events) else events or []
+            if happened:
+                self._announce(db, happened)
+        return result, happened
+
     def _announce(self, db, events: list[StoreEvent]) -> None:
+        payloads = []
         for happening in events:
             progress = happening.progress
-            payload = (f"{happening.kind} {happening.job_id} {progress.status if progress else '-'}"
-                       f" {progress.count if progress else 0} {self.origin}")
-            db.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
+            payloads.append(f"{happening.kind} {happening.job_id} {progress.status if progress else '-'}"
+                            f" {progress.count if progress else 0} {self.origin}")
+        db.execute("SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(payloads)),
+                   [value for payload in payloads for value in (self.CHANNEL, payload)])
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         if not entries:
@@ -1854,6 +1889,20 @@ class PostgresStore(JobStore):
                    " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
                    " (SELECT %s::integer AS first_seq) AS start",
                    (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
+
+    FINISH_IS_ONE_STATEMENT = True
+
+    def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
+        # One statement: the entries go in only if the UPDATE found the job this instance's.
+        return self._run(db, "WITH done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
+                             " process_group = NULL WHERE " + OWNED + " RETURNING slot),"
+                             " entry AS (INSERT INTO logs (job_id, seq, level, message)"
+                             " SELECT ?, ?::integer + n - 1, level, message"
+                             " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
+                             " WHERE EXISTS (SELECT 1 FROM done))"
+                             " SELECT slot FROM done",
+                         (status, job_id, instance, job_id, first_seq, [level for level, _ in entries],
+                          [message for _, message in entries])).fetchone()
 
     def _prune_turn(self, db) -> bool:
         return db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]

@@ -163,12 +163,16 @@ def test_health_is_ok_then_503_while_another_program_locks_the_database_then_ok(
     assert client.get("/healthz").text == "ok", "well again without a restart"
 
 
-def test_health_is_503_when_the_store_cannot_be_read_or_its_last_write_failed(make_app):
+def test_health_is_503_while_writes_fail_and_ok_once_one_succeeds(make_app, monkeypatch):
+    """A full disk, as the store sees it: every write fails with SQLite's own error until space comes back."""
     client = make_app(TEMPLATES)
     store = client.app.extensions["jobserver"].store
-    store.write_failure = "database or disk is full"
-    assert "cannot be written: database or disk is full" in client.get("/healthz", status=503).text
-    store.write_failure = None
+    with monkeypatch.context() as patch:
+        patch.setattr(store._group, "run", lambda operation: (_ for _ in ()).throw(
+            sqlite3.OperationalError("database or disk is full")))
+        client.get("/api/jobs/trigger", {"template": "hello"}, status=503)
+        assert "cannot be written: database or disk is full" in client.get("/healthz", status=503).text
+    assert final_status(client, client.get("/api/jobs/trigger", {"template": "hello"}).text) == "Succeeded"
     assert client.get("/healthz").text == "ok"
 
 

@@ -163,8 +163,7 @@ def test_the_listener_hears_each_commit(store, instance):
     store.finish_job(job_id, instance, "Warning", 2, [("WARN", "c")])
     Event, Progress = server_module.StoreEvent, server_module.Progress
     assert [event for event in store.events if event.kind != "resync"] == [
-        Event("work", job_id), Event("job", job_id, Progress("Executing", 0)),
-        Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3))]
+        Event("work", job_id), Event("job", job_id, Progress("Executing", 2)), Event("job", job_id, Progress("Warning", 3))]
 
 
 def test_a_job_that_frees_a_slot_tells_the_workers_there_is_work(store, instance):
