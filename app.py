@@ -1068,6 +1068,8 @@ class JobStore:
     SKIP_LOCKED = ""
     LOG_LINE = ""  # an entry as "LEVEL: message\n", as SQL
 
+    origin = ""  # this store's name in the notifications it sends (PostgreSQL)
+
     def __init__(self):
         self.listener: Callable[[StoreEvent], None] = lambda _event: None
         self.write_failure: str | None = None  # why the last write failed, until one succeeds
@@ -1140,7 +1142,7 @@ class JobStore:
         if statement is None:
             statement = self._sql_cache[text] = self._placeholders(
                 text.replace("{now}", self.NOW).replace("{skip_locked}", self.SKIP_LOCKED)
-                .replace("{log_line}", self.LOG_LINE))
+                .replace("{log_line}", self.LOG_LINE).replace("{origin}", f"'{self.origin}'"))
         return statement
 
     @staticmethod
@@ -1217,12 +1219,11 @@ class JobStore:
         hidden = {name: value for name, value in variables.items() if name in template.secret_names}
         row = (template.version, template.name, json.dumps(public), json.dumps(hidden) if hidden else None,
                template.max_concurrent)
-        return self._write(
-            lambda db: self._run(db, "INSERT INTO jobs (template_version, template, status, variables, secrets,"
-                                     " max_concurrent, created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now})"
-                                     " RETURNING id", row).fetchone()[0],
-            lambda job_id: [StoreEvent("work", job_id)], single=True,
-        )
+        return self._write(lambda db: self._run(db, self.INSERT_JOB, row).fetchone()[0],
+                           lambda job_id: [StoreEvent("work", job_id)], single=True)
+
+    INSERT_JOB = ("INSERT INTO jobs (template_version, template, status, variables, secrets, max_concurrent,"
+                  " created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now}) RETURNING id")
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._one(
@@ -1873,6 +1874,13 @@ class PostgresStore(JobStore):
         return result, happened
 
     def _announce(self, db, events: list[StoreEvent]) -> None:
+        # Only what sets another instance to work (a job to claim, a cancel): a waiter on another instance
+        # learns of a job's progress by its half-second re-read, which spares every log flush and every end
+        # a NOTIFY, and the commit lock that NOTIFY takes.
+        events = [happening for happening in events if happening.kind != "job"
+                  and not (happening.kind == "work" and happening.job_id)]  # a new job's went with its INSERT
+        if not events:
+            return
         payloads = []
         for happening in events:
             progress = happening.progress
@@ -1891,6 +1899,9 @@ class PostgresStore(JobStore):
                    (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
 
     FINISH_IS_ONE_STATEMENT = True
+    # The new job's NOTIFY goes with its INSERT: a trigger is one round trip (see _announce).
+    INSERT_JOB = ("WITH job AS (" + JobStore.INSERT_JOB + ")"
+                  " SELECT id, pg_notify('jobserver', 'work ' || id || ' - 0 ' || {origin}) FROM job")
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.
