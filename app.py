@@ -211,8 +211,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        fields = " ".join(f"{name}={text_field(value)}" for name, value in getattr(record, "fields", {}).items()
-                          if value is not None)
+        fields = " ".join(f"{name}={text_field(value)}"
+                          for name, value in getattr(record, "fields", {}).items() if value is not None)
         return f"{stamp} {record.levelname} {record.getMessage()}{': ' + fields if fields else ''}"
 
 
@@ -422,8 +422,8 @@ def code_reference_problem(command: tuple[str, ...]) -> str | None:
             referenced = match.group(1) or match.group(2)
             if referenced and referenced.lower() not in BUILTIN_NAMES:
                 return (f"puts ${referenced} into the code that {program!r} runs (argument {position}), "
-                        "where a request's value would become code: use a run step, which passes variables as "
-                        "environment variables, or pass the value as an argument of its own")
+                        "where a request's value would become code: use a run step, which passes variables "
+                        "as environment variables, or pass the value as an argument of its own")
     return None
 
 
@@ -432,7 +432,8 @@ def code_reference_problem(command: tuple[str, ...]) -> str | None:
 #
 
 TEMPLATE_FIELDS = frozenset(
-    "description key key_env api allow_new_variables timeout max_concurrent max_log_bytes variables steps".split()
+    ("description key key_env api allow_new_variables timeout max_concurrent max_log_bytes variables"
+     " steps").split()
 )
 STEP_FIELDS = frozenset(
     "log run exec name level timeout continue_on_error cwd env stdout_level stderr_level".split()
@@ -520,7 +521,8 @@ class FieldReader:
         if field not in self.table:
             return default
         value, kinds = self.table[field], kinds if isinstance(kinds, tuple) else (kinds,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # TOML true is an int
+        # TOML true is an int
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             self.fail(field, f"must be {what}")
         return value
 
@@ -715,7 +717,8 @@ def load_templates(path: str | Path) -> dict[str, JobTemplate]:
 
 def check_values(table, where: str) -> None:
     """Defaults and choices in templates.toml follow the limits of a request's value (checked here, not in
-    parse_template: a stored version's are never used, its jobs' values having been resolved when triggered)."""
+    parse_template: a stored version's are never used, its jobs' values having been resolved when
+    triggered)."""
     for name, spec in table.get("variables", {}).items():
         if not isinstance(spec, dict):
             if problem := value_problem(scalar_text(spec)):
@@ -732,7 +735,8 @@ def key_digest(key: str) -> str:
 
 
 def key_problem(given: str | None, digest: str) -> str | None:
-    """Why a key does not open a template (or job) with this key digest, or None; compared in constant time."""
+    """Why a key does not open a template (or job) with this key digest, or None;
+    compared in constant time."""
     if digest and not (hmac.compare_digest(key_digest(given or ""), digest) and given):
         return "Invalid API key" if given else "Missing API key"
     return None
@@ -811,7 +815,8 @@ class TemplateCatalog:
         stamp = self._file_stamp()
         templates = load_templates(self.path)
         for name, template in templates.items():
-            version = self.store.save_template_version(template.name, template.definition, template.key_digest)
+            version = self.store.save_template_version(template.name, template.definition,
+                                                       template.key_digest)
             templates[name] = dataclasses.replace(template, version=version)
         with self._lock:
             before = {t.name: t.version for t in self._current.values()}
@@ -861,7 +866,8 @@ class TemplateCatalog:
             changes = self.reload()
         except (TemplateError, StoreError) as error:
             self._stamp = self._file_stamp()  # report a bad file once, not every second
-            event(logging.WARNING, "templates.refused", "templates not reloaded, the previous ones stay in force",
+            event(logging.WARNING, "templates.refused",
+                  "templates not reloaded, the previous ones stay in force",
                   path=str(self.path), reason=str(error))
             return False
         event(logging.INFO, "templates.reloaded", "templates reloaded", path=str(self.path),
@@ -901,10 +907,10 @@ class Masker:
 
 
 class OutputCutter:
-    """Cuts one stream of a process's output into log entries: one per line, and a line longer than max_line in
-    pieces of at most that much. Feed it chunks as they are read and call end() when the stream closes; both
-    return the entries that are complete, raw and unmasked. Each entry is masked on its own afterwards, so a
-    cut never falls inside an occurrence of a secret (nor inside a UTF-8 character); see cut_point."""
+    """Cuts one stream of a process's output into log entries: one per line, and a line longer than max_line
+    in pieces of at most that much. Feed it chunks as they are read and call end() when the stream closes;
+    both return the entries that are complete, raw and unmasked. Each entry is masked on its own afterwards,
+    so a cut never falls inside an occurrence of a secret (nor inside a UTF-8 character); see cut_point."""
 
     def __init__(self, secrets: list[bytes], max_line: int = MAX_LINE_BYTES):
         self.secrets, self.max_line = secrets, max_line
@@ -933,10 +939,10 @@ class OutputCutter:
 
     def cut_point(self, line: bytes, finished: bool) -> int:
         """Where to cut a line longer than max_line: the last place at or before that which is neither inside
-        a UTF-8 character, nor inside an occurrence of a secret, nor (in an unfinished line) past the start of a
-        secret that may still be arriving at its end. Secrets are at most MAX_VALUE_BYTES, so such a place is
-        found in the line's last half unless secrets occur there overlapping one another all along (a secret
-        "aa" in "aaaa..."); then max_line."""
+        a UTF-8 character, nor inside an occurrence of a secret, nor (in an unfinished line) past the start of
+        a secret that may still be arriving at its end. Secrets are at most MAX_VALUE_BYTES, so such a place
+        is found in the line's last half unless secrets occur there overlapping one another all along (a
+        secret "aa" in "aaaa..."); then max_line."""
         lowest = self.max_line // 2
         highest = self.max_line if finished else min(self.max_line, self.arriving_secret(line))
         if highest <= lowest:
@@ -949,7 +955,8 @@ class OutputCutter:
                 inside[first - lowest:last - lowest + 1] = b"\1" * (last - first + 1)
                 start = line.find(secret, start + 1, highest + len(secret) - 1)
         for cut in range(highest, lowest, -1):
-            if not inside[cut - lowest] and line[cut] & 0xC0 != 0x80:  # not 10xxxxxx: a character's first byte
+            # not 10xxxxxx: a character's first byte
+            if not inside[cut - lowest] and line[cut] & 0xC0 != 0x80:
                 return cut
         return self.max_line
 
@@ -1026,18 +1033,20 @@ class StoreEvent(NamedTuple):
     progress: Progress | None = None
 
 
-NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (SELECT 0 AS n UNION ALL
-    SELECT r.slot + 1 FROM jobs r WHERE r.template = {row}.template AND r.status = 'Executing' AND r.slot IS NOT NULL
+NEXT_FREE_SLOT = ("""(SELECT min(c.n) FROM (SELECT 0 AS n UNION ALL
+    SELECT r.slot + 1 FROM jobs r WHERE r.template = {row}.template AND r.status = 'Executing'"""
+                  """ AND r.slot IS NOT NULL
   ) c WHERE NOT EXISTS (
-    SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))"""
+    SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))""")
 
 # A job takes the lowest free slot of its template below its max_concurrent. A unique index over the slots of
 # Executing jobs (schema.sql) makes the database itself refuse a second job in a slot, so two instances that
 # claim at once cannot pass the limit: the loser's statement fails and it claims again.
-CLAIM_JOB = f"""
+CLAIM_JOB = (f"""
 WITH candidate AS MATERIALIZED (
     SELECT p.id FROM jobs p
-    WHERE p.status = 'Pending' AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent)
+    WHERE p.status = 'Pending' AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')}"""
+             f""" < p.max_concurrent)
     ORDER BY p.id LIMIT 1 {{skip_locked}}
 )
 UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
@@ -1046,7 +1055,7 @@ FROM candidate
 WHERE jobs.id = candidate.id AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
 RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets,
     EXISTS (SELECT 1 FROM jobs o WHERE o.status = 'Pending' AND o.id <> jobs.id)
-"""
+""")
 
 # A worker's writes about its job hold only while its instance owns the job and holds its lease, so an
 # instance that was paused or cut off, and came back after others ended its jobs, changes nothing.
@@ -1191,8 +1200,9 @@ class JobStore:
     def save_template_version(self, name: str, definition: str, digest: str) -> int:
         """The id of this exact definition of a template, stored once."""
         def save(db):
-            self._run(db, "INSERT INTO template_versions (name, definition, key_digest, digest) VALUES (?, ?, ?, ?)"
-                          " ON CONFLICT DO NOTHING", (name, definition, digest, version_digest(name, definition, digest)))
+            self._run(db, "INSERT INTO template_versions (name, definition, key_digest, digest)"
+                          " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                      (name, definition, digest, version_digest(name, definition, digest)))
             return self._run(db, "SELECT id FROM template_versions WHERE digest = ?",
                              (version_digest(name, definition, digest),)).fetchone()[0]
 
@@ -1200,12 +1210,14 @@ class JobStore:
 
     def template_version(self, version: int) -> tuple[str, str, str] | None:
         """(name, definition, key digest) of a stored template version."""
-        return self._one("SELECT name, definition, key_digest FROM template_versions WHERE id = ?", (version,))
+        return self._one("SELECT name, definition, key_digest FROM template_versions WHERE id = ?",
+                         (version,))
 
     def setting(self, name: str, make: Callable[[], str]) -> str:
         """A value every instance shares, made by the first one that asks (the page's signing secret)."""
         def read_or_make(db):
-            self._run(db, "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, make()))
+            self._run(db, "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                      (name, make()))
             return self._run(db, "SELECT value FROM settings WHERE name = ?", (name,)).fetchone()[0]
 
         return self._write(read_or_make)
@@ -1251,7 +1263,8 @@ class JobStore:
         if not job_ids:
             return {}
         marks = ",".join("?" * len(job_ids))
-        rows = self._all(f"SELECT id, status, coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = jobs.id), 0)"
+        rows = self._all(f"SELECT id, status,"
+                         f" coalesce((SELECT max(seq) + 1 FROM logs WHERE job_id = jobs.id), 0)"
                          f" FROM jobs WHERE id IN ({marks})", job_ids)
         return {job_id: Progress(status, count) for job_id, status, count in rows}
 
@@ -1307,12 +1320,14 @@ class JobStore:
         entries = list(entries)  # the caller's buffer goes on growing
 
         def append(db):
-            owned = self._run(db, "SELECT 1 FROM jobs WHERE " + OWNED + self.ROW_LOCK, (job_id, instance)).fetchone()
+            owned = self._run(db, "SELECT 1 FROM jobs WHERE " + OWNED + self.ROW_LOCK,
+                              (job_id, instance)).fetchone()
             if owned:
                 self._insert_logs(db, job_id, first_seq, entries)
             return bool(owned)
 
-        return self._write(append, lambda owned: [StoreEvent("job", job_id, Progress(EXECUTING, first_seq + len(entries)))]
+        return self._write(append, lambda owned: [StoreEvent("job", job_id,
+                                                             Progress(EXECUTING, first_seq + len(entries)))]
                            if owned else [])
 
     ROW_LOCK = ""  # what keeps a job's row from changing until the transaction ends, where that must be said
@@ -1327,7 +1342,8 @@ class JobStore:
             if row is None:
                 return []
             ended = StoreEvent("job", job_id, Progress(status, first_seq + len(entries)))
-            return [ended, StoreEvent("work")] if row[0] is not None else [ended]  # a freed slot: more may run
+            # a freed slot: more may run
+            return [ended, StoreEvent("work")] if row[0] is not None else [ended]
 
         return self._write(lambda db: self._finish(db, job_id, instance, status, first_seq, entries), events,
                            single=self.FINISH_IS_ONE_STATEMENT) is not None
@@ -1336,7 +1352,8 @@ class JobStore:
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         """The final status and the last entries, if this instance owns the job; (its slot,) or None."""
-        row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL, process_group = NULL"
+        row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
+                            " process_group = NULL"
                             " WHERE " + OWNED + " RETURNING slot", (status, job_id, instance)).fetchone()
         if row is not None:
             self._insert_logs(db, job_id, first_seq, entries)
@@ -1372,7 +1389,8 @@ class JobStore:
     def cancel_requests(self, instance: str) -> list[int]:
         """The jobs this instance runs that someone asked to cancel."""
         return [row[0] for row in self._all(
-            "SELECT id FROM jobs WHERE owner = ? AND status = 'Executing' AND cancel_requested = 1", (instance,))]
+            "SELECT id FROM jobs WHERE owner = ? AND status = 'Executing' AND cancel_requested = 1",
+            (instance,))]
 
     def read_logs(self, job_id: int, offset: int, count: int, chunk_rows: int = 5000) -> str | Iterator[str]:
         """The entries from `offset` up to `count` as "LEVEL: message\\n" text.
@@ -1385,7 +1403,8 @@ class JobStore:
             return ""
 
         def chunk(start: int) -> str:
-            rows = self._all("SELECT {log_line} FROM logs WHERE job_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            rows = self._all("SELECT {log_line} FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?"
+                             " ORDER BY seq",
                              (job_id, start, min(start + chunk_rows, count)))
             return "".join(row[0] for row in rows)
 
@@ -1413,20 +1432,24 @@ class JobStore:
         self._write(register)
 
     def renew_lease(self, instance: str, lease: float) -> bool:
-        """Extend this instance's lease, by the database's clock; False when it had already run out (others may
-        be ending its jobs: it must start again as a new instance)."""
+        """Extend this instance's lease, by the database's clock; False when it had already run out (others
+        may be ending its jobs: it must start again as a new instance)."""
         return self._write(lambda db: self._changed(
-            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}", (lease, instance)),
+            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ?"
+                " AND lease_until > {now}", (lease, instance)),
             single=True)
 
     def end_lease(self, instance: str) -> None:
         """This instance stops: its lease ends now (its jobs are already final)."""
-        self._write(lambda db: self._run(db, "UPDATE instances SET lease_until = 0 WHERE id = ?", (instance,)))
+        self._write(lambda db: self._run(db, "UPDATE instances SET lease_until = 0 WHERE id = ?",
+                                         (instance,)))
 
     def orphaned_jobs(self) -> list[tuple[int, str | None, int | None, str | None]]:
-        """(id, owner, process group, owner's boot id) of the Executing jobs whose instance's lease ran out."""
+        """(id, owner, process group, owner's boot id) of the Executing jobs
+        whose instance's lease ran out."""
         return self._all(
-            "SELECT j.id, j.owner, j.process_group, i.boot_id FROM jobs j LEFT JOIN instances i ON i.id = j.owner"
+            "SELECT j.id, j.owner, j.process_group, i.boot_id FROM jobs j"
+            " LEFT JOIN instances i ON i.id = j.owner"
             " WHERE j.status = 'Executing' AND (i.id IS NULL OR i.lease_until <= {now}) ORDER BY j.id")
 
     def end_orphaned_job(self, job_id: int, owner: str | None, message: str) -> bool:
@@ -1437,7 +1460,8 @@ class JobStore:
                                      " process_group = NULL WHERE id = ? AND status = 'Executing'"
                                      " AND coalesce(owner, '') = coalesce(?, '')", (job_id, owner)):
                 return None
-            seq = self._run(db, "SELECT coalesce(max(seq) + 1, 0) FROM logs WHERE job_id = ?", (job_id,)).fetchone()[0]
+            seq = self._run(db, "SELECT coalesce(max(seq) + 1, 0) FROM logs WHERE job_id = ?",
+                            (job_id,)).fetchone()[0]
             self._insert_logs(db, job_id, seq, [("ERROR", message)])
             return seq + 1
 
@@ -1473,7 +1497,8 @@ class JobStore:
             if not self._prune_turn(db):
                 return 0
             ids = [row[0] for row in self._run(
-                db, "SELECT id FROM jobs WHERE finished_at < {now} - ? ORDER BY finished_at LIMIT ?", (age, batch))]
+                db, "SELECT id FROM jobs WHERE finished_at < {now} - ?"
+                    " ORDER BY finished_at LIMIT ?", (age, batch))]
             if ids:
                 marks = ",".join("?" * len(ids))
                 self._run(db, f"DELETE FROM logs WHERE job_id IN ({marks})", ids)
@@ -1511,8 +1536,8 @@ class SQLiteStore(JobStore):
     """The jobs in one SQLite file, for one server process (app.py holds a lock on the file).
 
     Writes go through one connection, one transaction at a time (BEGIN IMMEDIATE, so a lock held by another
-    program is met at the start of a write, within the busy timeout). Reads use a small shelf of connections of
-    their own: in WAL mode they never wait for writes."""
+    program is met at the start of a write, within the busy timeout). Reads use a small shelf of connections
+    of their own: in WAL mode they never wait for writes."""
 
     exclusive = True
     NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -1611,7 +1636,8 @@ class SQLiteStore(JobStore):
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         db.executemany("INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
-                       ((job_id, first_seq + i, level, message) for i, (level, message) in enumerate(entries)))
+                       ((job_id, first_seq + i, level, message)
+                        for i, (level, message) in enumerate(entries)))
 
     def _after_prune(self) -> None:
         self._write(lambda db: db.execute("PRAGMA incremental_vacuum").fetchall())
@@ -1633,7 +1659,8 @@ class QueuedWrite:
 
     def __init__(self, operation: Callable):
         self.operation = operation
-        self.done = threading.Lock()  # held until the write is committed (or failed), or it is this one's turn
+        # held until the write is committed (or failed), or it is this one's turn
+        self.done = threading.Lock()
         self.done.acquire()
         self.turn = self.finished = False
         self.result = self.error = None
@@ -1749,9 +1776,11 @@ def migrate_sqlite_from_1(db: sqlite3.Connection) -> None:
             spec = json.loads(definition)
             limit = spec.get("max_concurrent")
             declared = spec.get("variables", {})
-            secret = {name for name, field in declared.items() if isinstance(field, dict) and field.get("secret")}
+            secret = {name for name, field in declared.items()
+                      if isinstance(field, dict) and field.get("secret")}
             values = json.loads(variables)
-            hidden = {name: values[name] for name in secret if name in values and status not in FINAL_STATUSES}
+            hidden = {name: values[name] for name in secret
+                      if name in values and status not in FINAL_STATUSES}
             values.update((name, None) for name in secret)
             db.execute("UPDATE jobs SET variables = ?, secrets = ?, max_concurrent = ? WHERE id = ?",
                        (json.dumps(values), json.dumps(hidden) if hidden else None,
@@ -1766,8 +1795,8 @@ class PostgresStore(JobStore):
     """The jobs in a PostgreSQL database that any number of instances share.
 
     Connections come from a pool (psycopg_pool); a connection of its own LISTENs for what other instances
-    announce (NOTIFY). A notification is only a hint: the runner and the waits also re-read on a short interval
-    and after every reconnect, so a lost one delays an answer by that interval at most."""
+    announce (NOTIFY). A notification is only a hint: the runner and the waits also re-read on a short
+    interval and after every reconnect, so a lost one delays an answer by that interval at most."""
 
     NOW = "extract(epoch from now())"
     SKIP_LOCKED = "FOR UPDATE OF p SKIP LOCKED"
@@ -1848,7 +1877,8 @@ class PostgresStore(JobStore):
         except self.psycopg.Error as error:
             raise self._failed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
         except PoolTimeout:
-            raise self._failed(f"PostgreSQL does not answer (no connection within {self.busy_timeout:g} s)") from None
+            raise self._failed(f"PostgreSQL does not answer"
+                               f" (no connection within {self.busy_timeout:g} s)") from None
 
     @contextlib.contextmanager
     def _read(self):
@@ -1865,7 +1895,8 @@ class PostgresStore(JobStore):
     def _commit(self, operation: Callable, events, single: bool) -> tuple:
         if not single:
             return super()._commit(operation, events, single)
-        # One statement commits on its own: no BEGIN, no COMMIT, and the other instances hear of it just after.
+        # One statement commits on its own: no BEGIN, no COMMIT,
+        # and the other instances hear of it just after.
         with self._errors(), self._lend() as db:
             result = operation(db)
             happened = events(result) if callable(events) else events or []
@@ -1893,7 +1924,8 @@ class PostgresStore(JobStore):
         if not entries:
             return
         # One statement for the whole batch, its columns as arrays (COPY cannot run in pipeline mode).
-        db.execute("INSERT INTO logs (job_id, seq, level, message) SELECT %s, first_seq + n - 1, level, message"
+        db.execute("INSERT INTO logs (job_id, seq, level, message)"
+                   " SELECT %s, first_seq + n - 1, level, message"
                    " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
                    " (SELECT %s::integer AS first_seq) AS start",
                    (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
@@ -1995,15 +2027,17 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         self.template_names: Callable[[], frozenset[str]] = frozenset
-        self.jobs_triggered = Counter("jobserver_jobs_triggered", "Jobs triggered on this instance, by template"
-                                      " and by where from (api or page)", ["template", "via"], registry=self.registry)
-        self.jobs_finished = Counter("jobserver_jobs_finished", "Jobs this instance ran to their end, by template"
-                                     " and final status", ["template", "status"], registry=self.registry)
-        self.job_duration = Histogram("jobserver_job_duration_seconds", "How long the jobs this instance ran took,"
-                                      " from claim to end, by template", ["template"], buckets=DURATION_BUCKETS,
+        self.jobs_triggered = Counter("jobserver_jobs_triggered", "Jobs triggered on this instance, by"
+                                      " template and by where from (api or page)", ["template", "via"],
                                       registry=self.registry)
-        self.http_requests = Counter("jobserver_http_requests", "HTTP requests answered, by endpoint and status"
-                                     " code", ["endpoint", "code"], registry=self.registry)
+        self.jobs_finished = Counter("jobserver_jobs_finished", "Jobs this instance ran to their end, by"
+                                     " template and final status", ["template", "status"],
+                                     registry=self.registry)
+        self.job_duration = Histogram("jobserver_job_duration_seconds", "How long the jobs this instance ran"
+                                      " took, from claim to end, by template", ["template"],
+                                      buckets=DURATION_BUCKETS, registry=self.registry)
+        self.http_requests = Counter("jobserver_http_requests", "HTTP requests answered, by endpoint and"
+                                     " status code", ["endpoint", "code"], registry=self.registry)
         self.log_entries = Counter("jobserver_log_entries_stored", "Log entries this instance stored",
                                    registry=self.registry)
         self.refused = Counter("jobserver_requests_refused", "Requests refused by the Host rule (host), the"
@@ -2080,8 +2114,8 @@ class JobWatch:
     """Requests that wait for a job to log or end (status, logs and cancel). Each sleeps until the store's
     events, which carry the job's new progress, say its job moved on, so a thousand waiters cost no reads;
     recheck() re-reads the watched jobs on an interval, in one statement, in case an event was missed
-    (another instance's notification lost, or a reconnect). Each waiting request holds one HTTP thread: at most
-    max_followers wait at once, and a request beyond that is answered at once with what there is."""
+    (another instance's notification lost, or a reconnect). Each waiting request holds one HTTP thread: at
+    most max_followers wait at once, and a request beyond that is answered at once with what there is."""
 
     RECENT = 4096  # jobs whose latest progress is remembered, for a waiter that comes just after its event
 
@@ -2093,7 +2127,8 @@ class JobWatch:
         self.waiting = 0
         self.closed = False
 
-    def wait(self, job_id: int, known: Progress, done: Callable[[Progress], bool], timeout: float) -> Progress:
+    def wait(self, job_id: int, known: Progress, done: Callable[[Progress], bool],
+             timeout: float) -> Progress:
         """Wait up to timeout seconds until done(progress) holds; returns the progress then (or at the end of
         the wait, or early when the server must: shutting down, or too many waiting)."""
         if done(known) or timeout <= 0:
@@ -2185,7 +2220,8 @@ class JobExecution:
         self.log_bytes = 0
         self.dropped_lines = self.dropped_bytes = 0
         self.stop_reason: str | None = None  # logged as an ERROR entry as soon as the job notices it
-        self.stop_cause: str | None = None  # for the operator's event: timeout, cancel, shutdown, store, lease
+        # for the operator's event: timeout, cancel, shutdown, store, lease
+        self.stop_cause: str | None = None
         self.stop_logged = False
         self.stop_graceful = False
         self.failure: dict = {}  # the step that failed and how, for the operator's event
@@ -2247,14 +2283,16 @@ class JobExecution:
             self.flush()
 
     def disown(self) -> None:
-        """Another instance ended this job (this one's lease had run out): stop its processes, write nothing."""
+        """Another instance ended this job (this one's lease had run out):
+        stop its processes, write nothing."""
         self.disowned = True
         self.request_stop("The job was ended by another instance", graceful=False, cause="lease")
 
     # Stopping from other threads (cancel, shutdown, a lost lease).
 
     def request_stop(self, reason: str, graceful: bool, cause: str) -> None:
-        """Stop the job: its processes get SIGTERM (graceful, then SIGKILL after the cancel grace) or SIGKILL."""
+        """Stop the job: its processes get SIGTERM
+        (graceful, then SIGKILL after the cancel grace) or SIGKILL."""
         if self.stop_reason is None:
             self.stop_reason, self.stop_graceful, self.stop_cause = reason, graceful, cause
         elif not graceful:
@@ -2346,7 +2384,8 @@ class JobExecution:
             process.stdout.close()
             process.stderr.close()
 
-    def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None, why: str) -> int | None:
+    def supervise(self, process: subprocess.Popen, step: Step, deadline: float | None,
+                  why: str) -> int | None:
         """Read the process's output until both its pipes close and it has exited, doing what falls due on the
         way (see StepTimers); its exit code, or None when it was stopped."""
         secrets = self.masker.raw
@@ -2368,7 +2407,8 @@ class JobExecution:
                 if not self.act_on_due(timers, process.pid, bool(streams), now):
                     break  # the output is abandoned
                 timers.quiet = True
-                for fd, _ in poller.poll(self.next_wakeup(timers, now) * 1000):  # POLLIN, or POLLHUP at the end
+                # POLLIN, or POLLHUP at the end
+                for fd, _ in poller.poll(self.next_wakeup(timers, now) * 1000):
                     if fd == exit_watch:
                         poller.unregister(exit_watch)
                         timers.exited_at = time.monotonic()
@@ -2385,8 +2425,8 @@ class JobExecution:
         return None if self.stop_reason else code
 
     def act_on_due(self, timers: StepTimers, group: int, output_open: bool, now: float) -> bool:
-        """Do what is due at `now`: stop at the deadline, kill when a stop's grace is over, kill leftovers that
-        hold the output after the step exited; False when the output is to be abandoned."""
+        """Do what is due at `now`: stop at the deadline, kill when a stop's grace is over, kill leftovers
+        that hold the output after the step exited; False when the output is to be abandoned."""
         if timers.deadline is not None and now >= timers.deadline and self.stop_reason is None:
             self.request_stop(f"{timers.why}; its processes were killed", graceful=False, cause="timeout")
         if self.stop_reason and timers.kill_at is None:
@@ -2433,7 +2473,8 @@ class JobExecution:
         stops; then tell the operator."""
         if self.dropped_lines:
             self.log("WARN", f"The log reached its limit of {self.template.max_log_bytes} bytes: "
-                             f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output were dropped")
+                             f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output "
+                             f"were dropped")
         self.announce_stop()
         status = STATUS_BY_WORST_LEVEL[self.worst]
         delay = 0.5
@@ -2538,7 +2579,8 @@ class JobRunner:
 
     def __init__(self, store: JobStore, catalog: TemplateCatalog, watch: JobWatch, metrics: Metrics,
                  settings: Settings = DEFAULTS):
-        self.store, self.catalog, self.watch, self.metrics, self.settings = store, catalog, watch, metrics, settings
+        self.store, self.catalog, self.watch, self.metrics, self.settings = (
+            store, catalog, watch, metrics, settings)
         self.instance = new_instance_id()
         self.lock = threading.Condition()
         self.hints = 0  # claims worth trying now, at most one per worker
@@ -2553,7 +2595,8 @@ class JobRunner:
         self.pending_count, self.pending_read_at = 0, float("-inf")
 
     def start(self) -> None:
-        """Register this instance, end what dead instances left Executing, start the workers and the heartbeat."""
+        """Register this instance, end what dead instances left Executing,
+        start the workers and the heartbeat."""
         self.store.register_instance(self.instance, self.settings.lease)
         self.end_orphaned_jobs()
         for number in range(self.settings.workers):
@@ -2589,7 +2632,8 @@ class JobRunner:
     # Triggering.
 
     def submit(self, template: JobTemplate, variables: dict[str, str]) -> int:
-        """Commit a new job (the store's event wakes a worker); its id is returned only once it is committed."""
+        """Commit a new job (the store's event wakes a worker);
+        its id is returned only once it is committed."""
         if not self.accepting:
             raise NotAccepting("The server is shutting down and accepts no new jobs", retry_after=30)
         pending = self.pending_estimate()
@@ -2666,7 +2710,8 @@ class JobRunner:
             self.pending_count = max(0, self.pending_count - 1)
         elif outcome == "requested":
             self.stop_if_running(job_id, "Job canceled", cause="cancel")
-            self.watch.wait(job_id, Progress(EXECUTING, 0), lambda progress: progress.status in FINAL_STATUSES,
+            self.watch.wait(job_id, Progress(EXECUTING, 0),
+                            lambda progress: progress.status in FINAL_STATUSES,
                             self.settings.cancel_grace + 5)
         return self.store.job_status(job_id)
 
@@ -2701,20 +2746,21 @@ class JobRunner:
                 traceback.print_exc()
 
     def _lease_watchdog(self) -> None:
-        """Stop this instance's jobs before its lease runs out when it could not renew it: a thread of its own,
-        which never waits for the store, so that a store that hangs cannot delay it."""
+        """Stop this instance's jobs before its lease runs out when it could not renew it: a thread of its
+        own, which never waits for the store, so that a store that hangs cannot delay it."""
         while not self.stopped.wait(min(0.25, self.settings.lease / 20)):
             unrenewed = time.monotonic() - self.lease_renewed
             if unrenewed > self.settings.lease * 0.75 and not self.lease_lapsing:
                 self.lease_lapsing = True
                 self.stop_all(f"The instance running the job could not renew its lease in the job store for "
-                              f"{unrenewed:.1f} s; the job was stopped before the lease ran out", cause="lease")
-                event(logging.ERROR, "instance.lease_lapsing", "lease not renewed: jobs stopped", instance=self.instance,
-                      seconds=round(unrenewed, 1), jobs=len(self.running))
+                              f"{unrenewed:.1f} s; the job was stopped before the lease ran out",
+                              cause="lease")
+                event(logging.ERROR, "instance.lease_lapsing", "lease not renewed: jobs stopped",
+                      instance=self.instance, seconds=round(unrenewed, 1), jobs=len(self.running))
 
     def renew_lease(self) -> None:
-        """Renew the lease; when it has run out (this instance was paused or cut off for longer than the lease,
-        and others may have ended its jobs), stop its jobs and start again as a new instance."""
+        """Renew the lease; when it has run out (this instance was paused or cut off for longer than the
+        lease, and others may have ended its jobs), stop its jobs and start again as a new instance."""
         asked_at = time.monotonic()
         renewed = self.store.renew_lease(self.instance, self.settings.lease)
         if renewed:
@@ -2735,7 +2781,8 @@ class JobRunner:
         for job_id, owner, group, owner_boot in self.store.orphaned_jobs():
             if group and owner_boot in (here, None):
                 kill_orphaned_group(group, job_id)
-            message = f"The server stopped while the job ran (instance {owner} stopped renewing its lease); the job was ended"
+            message = (f"The server stopped while the job ran (instance {owner} stopped renewing its lease);"
+                       f" the job was ended")
             if self.store.end_orphaned_job(job_id, owner, message):
                 event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
                       reason="its instance stopped", instance=owner)
@@ -2748,8 +2795,8 @@ class JobRunner:
         running = set(self.running)
         for job_id in self.store.owned_jobs(self.instance, older_than=10):
             if job_id not in running and self.store.end_orphaned_job(
-                    job_id, self.instance, "The job was claimed but never started (the answer to its claim was"
-                                           " lost); it was ended"):
+                    job_id, self.instance, "The job was claimed but never started (the answer to its claim"
+                                           " was lost); it was ended"):
                 event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
                       reason="claim lost")
 
@@ -2791,7 +2838,8 @@ def new_instance_id() -> str:
 class Maintenance:
     """Background upkeep: reloads templates.toml when it changes, and prunes old finished jobs."""
 
-    def __init__(self, store: JobStore, catalog: TemplateCatalog, keep_days: float, stopping: threading.Event):
+    def __init__(self, store: JobStore, catalog: TemplateCatalog, keep_days: float,
+                 stopping: threading.Event):
         self.store, self.catalog, self.keep_days, self.stopping = store, catalog, keep_days, stopping
         self.prune_every = min(3600.0, max(1.0, keep_days * 86400 / 4))
 
@@ -2813,7 +2861,8 @@ class Maintenance:
             except StoreError:
                 pass  # the store's own event tells the operator; tried again later
             except Exception as error:
-                event(logging.ERROR, "maintenance.failed", "maintenance failed, will try again", reason=repr(error))
+                event(logging.ERROR, "maintenance.failed", "maintenance failed, will try again",
+                      reason=repr(error))
 
 #
 # Request guard: the rules every request passes before its view runs, for the sake of browsers.
@@ -2935,8 +2984,9 @@ class RequestGuard:
             raise ApiError("Malformed Host header", 400)
         name, port = parts
         if not (self.any_host or self.host_allowed(name)):
-            self.refuse("host", name, f"Host name {shown(name)} is not allowed (a DNS rebinding attack looks like"
-                                      " this): start app.py with --allowed-host NAME to serve a name of yours")
+            self.refuse("host", name, f"Host name {shown(name)} is not allowed"
+                                      " (a DNS rebinding attack looks like this):"
+                                      " start app.py with --allowed-host NAME to serve a name of yours")
         return authority(name, port)
 
     def host_allowed(self, name: str) -> bool:
@@ -2972,7 +3022,8 @@ class RequestGuard:
             referer_origin = origin_of(referer)
             if referer_origin.lower() in self.origins or origin_authority(referer_origin) == own:
                 return None
-            return f"Cross-origin request refused: a page of {shown(referer_origin)} {what} jobs here; {advice}"
+            return (f"Cross-origin request refused: a page of {shown(referer_origin)} {what} jobs here;"
+                    f" {advice}")
         return None
 
     def refuse(self, rule: str, key: str, message: str) -> None:
@@ -3038,7 +3089,8 @@ def authority(name: str, port: str) -> str:
 def origin_problem(origin: str) -> str | None:
     """Why an --allow-origin value is not an exact origin (scheme://host[:port]), or None."""
     parts = urllib.parse.urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.netloc or origin != f"{parts.scheme}://{parts.netloc}":
+    if parts.scheme not in ("http", "https") or not parts.netloc \
+            or origin != f"{parts.scheme}://{parts.netloc}":
         return "must be an origin: scheme://host[:port], with no path, such as https://intranet.example"
     if split_host(parts.netloc) is None or "@" in parts.netloc:
         return "has a malformed host or port"
@@ -3196,7 +3248,8 @@ def services() -> Services:
 
 
 def changes_state(view):
-    """Mark a view that changes jobs whatever its method: a browser may send it only from this server's pages."""
+    """Mark a view that changes jobs whatever its method:
+    a browser may send it only from this server's pages."""
     view.changes_state = True
     return view
 
@@ -3333,8 +3386,8 @@ TAIL_ENTRIES = 200  # log entries a job page shows at first; earlier ones load o
 UPDATE_ENTRIES = 500  # log entries in one live update
 PAGE_TOKEN_SECONDS = 86400  # how long a form of the page may be posted back
 PAGE_SECURITY = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none';"
-                               " base-uri 'none'; form-action 'self'",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self';"
+                               " frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
@@ -3483,8 +3536,8 @@ def job_list():
 def job_row(token: int, template: str, status: str, keyed: bool, created: float, started: float | None,
             finished: float | None) -> Markup:
     """One row of the list; a keyed template's job shows only its token, template and trigger time. The list
-    shows 50 and must answer about as fast as a status request, which a Jinja loop over 50 rows of 8 fields did
-    not, so the row is made here: the template's name, the one text from outside, is escaped as the page
+    shows 50 and must answer about as fast as a status request, which a Jinja loop over 50 rows of 8 fields
+    did not, so the row is made here: the template's name, the one text from outside, is escaped as the page
     templates' autoescape does; the rest is digits, times and status words."""
     iso = iso_text(created)
     duration = ""
@@ -3502,7 +3555,8 @@ def job_page(job: JobDetail, unlocked: bool, status: int = 200, problem: str | N
     first = max(0, job.log_count - TAIL_ENTRIES)
     entries = [(level.lower(), level, message) for _, level, message in
                (site.store.log_tail(job.id, first, job.log_count) if unlocked else [])]
-    variables = [{"name": name, "value": value, "secret": value is None} for name, value in job.variables.items()]
+    variables = [{"name": name, "value": value, "secret": value is None}
+                 for name, value in job.variables.items()]
     again = None
     if template is not None and template.api:
         again = url_for("pages.template_form", name=template.name,
@@ -3613,7 +3667,8 @@ def form_page(template: JobTemplate, values: dict[str, str], status: int = 200,
         problems[""] = " ".join(general)
     return page("template.html", status, template=template, values=values, extra=extra, problems=problems,
                 token=page_token(), variables=list(template.variables.values()),
-                patterns={v.name: html_pattern(v.pattern.pattern) for v in template.variables.values() if v.pattern})
+                patterns={v.name: html_pattern(v.pattern.pattern)
+                          for v in template.variables.values() if v.pattern})
 
 
 # What a browser's pattern attribute (compiled with the `v` flag) lets a backslash escape: outside a character
@@ -3623,8 +3678,9 @@ CLASS_ESCAPES = SYNTAX_ESCAPES | set("-&!#%,:;<=>@`~")
 
 
 def html_pattern(pattern: str) -> str | None:
-    """A template's (Python) pattern as a browser's pattern attribute takes it, or None when it uses syntax this
-    does not translate: then the browser gives no hint, and the server enforces the pattern either way."""
+    """A template's (Python) pattern as a browser's pattern attribute takes it, or None when it uses syntax
+    this does not translate: then the browser gives no hint, and the server enforces the pattern either
+    way."""
     if "(?" in pattern.replace("(?:", "") or re.search(r"\\[AZzGNpPxuU0-9]", pattern):
         return None
     out: list[str] = []
@@ -3635,7 +3691,8 @@ def html_pattern(pattern: str) -> str | None:
         char, following = pattern[position], pattern[position + 1:position + 2]
         if not in_class:
             if char == "\\" and following:
-                out.append("\\" + following if following.isalnum() or following in SYNTAX_ESCAPES else following)
+                out.append("\\" + following if following.isalnum() or following in SYNTAX_ESCAPES
+                           else following)
                 position += 2
                 continue
             out.append(char)
@@ -3653,7 +3710,8 @@ def html_pattern(pattern: str) -> str | None:
             range_state = "open"
         else:
             if char == "\\" and following:
-                out.append("\\" + following if following.isalnum() or following in CLASS_ESCAPES else following)
+                out.append("\\" + following if following.isalnum() or following in CLASS_ESCAPES
+                           else following)
                 position += 1
             else:
                 out.append("\\" + char if char in CLASS_ESCAPES else char)
@@ -3675,7 +3733,8 @@ def create_app(config: dict | None = None) -> Flask:
                 static_url_path="/static")
     app.url_map.merge_slashes = False  # /api//jobs/trigger is a 404 like any unknown path, not a redirect
     app.url_map.strict_slashes = False
-    app.config.update({field.name.upper(): getattr(settings, field.name) for field in dataclasses.fields(settings)})
+    app.config.update({field.name.upper(): getattr(settings, field.name)
+                       for field in dataclasses.fields(settings)})
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
 
     metrics = Metrics()
@@ -3730,7 +3789,8 @@ def guard_request():
         request.blueprint == "pages" and request.method not in ("GET", "HEAD"))
     services().guard.check(state_changing)
     if request.path.startswith("/api/") and request.method not in ("GET", "POST"):
-        raise ApiError(f"Method {request.method} is not allowed here: use GET or POST", 405, {"Allow": "GET, POST"})
+        raise ApiError(f"Method {request.method} is not allowed here: use GET or POST",
+                       405, {"Allow": "GET, POST"})
 
 
 def finish_response(response: Response) -> Response:
@@ -3752,7 +3812,8 @@ def refused(error: Refused):
 
 
 def store_error(error: StoreError):
-    return text_response(f"The job store is unavailable ({error}); try again later", 503, {"Retry-After": "5"})
+    return text_response(f"The job store is unavailable ({error}); try again later",
+                         503, {"Retry-After": "5"})
 
 
 def http_error(error: HTTPException):
@@ -3787,13 +3848,16 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     parser = OneLineParser(prog="app.py",
-                           description="Serve Otter's Job Orchestration API for the jobs of a templates.toml.")
+                           description="Serve Otter's Job Orchestration API for the jobs of a"
+                                       " templates.toml.")
     option = parser.add_argument
     option("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     option("--port", type=port_number, default=8080, help="port, 0 for any free one (default: %(default)s)")
     option("--reuse-port", action="store_true",
-           help="share the port with other instances on this host (SO_REUSEPORT): the kernel spreads connections")
-    option("--templates", default=d.templates, help="job templates file (default: templates.toml beside app.py)")
+           help="share the port with other instances on this host (SO_REUSEPORT):"
+                " the kernel spreads connections")
+    option("--templates", default=d.templates,
+           help="job templates file (default: templates.toml beside app.py)")
     option("--db", default=os.environ.get("JOBSERVER_DB", d.database),
            help="a SQLite file, or a postgresql:// URL shared by several instances (default: $JOBSERVER_DB, "
                 "else jobs.db beside app.py)")
@@ -3801,7 +3865,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--http-threads", type=positive_int, default=d.http_threads,
            help="threads answering ordinary requests (default: %(default)s)")
     option("--max-followers", type=positive_int, default=d.max_followers,
-           help="requests held by wait at once, a thread each; more are answered at once (default: %(default)s)")
+           help="requests held by wait at once, a thread each; more are answered at once"
+                " (default: %(default)s)")
     option("--max-connections", type=positive_int, default=d.max_connections,
            help="open HTTP connections (default: %(default)s)")
     option("--idle-timeout", type=positive_number, default=d.idle_timeout,
@@ -3812,7 +3877,8 @@ def build_parser() -> argparse.ArgumentParser:
            help="seconds between SIGTERM and SIGKILL when a job is canceled (default: %(default)s)")
     option("--busy-timeout", type=positive_number, default=d.busy_timeout,
            help="seconds a write waits for the database before it fails with 503 (default: %(default)s)")
-    option("--max-body", type=positive_int, default=d.max_body, help="largest request body in bytes (default: 1 MiB)")
+    option("--max-body", type=positive_int, default=d.max_body,
+           help="largest request body in bytes (default: 1 MiB)")
     option("--max-pending", type=positive_int, default=d.max_pending,
            help="most Pending jobs before triggers get 503 (default: %(default)s)")
     option("--keep-days", type=positive_number, default=d.keep_days,
@@ -3822,8 +3888,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--db-connections", type=positive_int, default=d.db_connections,
            help="PostgreSQL connections per instance (default: %(default)s)")
     option("--allowed-host", action="append", default=[], type=host_name, metavar="NAME",
-           help="a Host name to serve besides IP addresses and localhost (.example.com: it and its subdomains;"
-                " *: any); repeatable")
+           help="a Host name to serve besides IP addresses and localhost"
+                " (.example.com: it and its subdomains; *: any); repeatable")
     option("--allow-origin", action="append", default=[], type=allowed_origin, metavar="ORIGIN",
            help="the origin (scheme://host[:port]) of another site's page that may post here; repeatable")
     option("--log-level", choices=("debug", "info", "warning"), default="info",
@@ -3865,8 +3931,8 @@ def host_name(text: str) -> str:
     if text == "*" or re.fullmatch(r"\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
                                    r"[A-Za-z0-9])?)*\.?", text):
         return text
-    raise argparse.ArgumentTypeError(f"{shown(text)} is not a host name (letters, digits, - and dots; a leading"
-                                     " dot for subdomains; * for any)")
+    raise argparse.ArgumentTypeError(f"{shown(text)} is not a host name (letters, digits, - and dots;"
+                                     " a leading dot for subdomains; * for any)")
 
 
 def allowed_origin(text: str) -> str:
@@ -3880,20 +3946,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "*" in args.allowed_host:
         print("app.py: warning: --allowed-host '*' turns the Host check off: any web page that makes your"
-              " browser send requests here under a name of its own (DNS rebinding) can run jobs", file=sys.stderr)
+              " browser send requests here under a name of its own (DNS rebinding) can run jobs",
+              file=sys.stderr)
     # Listen and claim the database before create_app starts the runner: a second instance must fail
     # without ending the first one's running jobs as if they had been interrupted.
     try:
         listener = listen(args.host, args.port, args.reuse_port)
     except OSError as error:
-        print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        print(f"app.py: error: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
+              file=sys.stderr)
         return 2
     host, port = listener.getsockname()[:2]
     settings = Settings(
         database=args.db, templates=args.templates, workers=args.workers, max_body=args.max_body,
-        max_pending=args.max_pending, keep_days=args.keep_days, grace=args.grace, cancel_grace=args.cancel_grace,
-        busy_timeout=args.busy_timeout, lease=args.lease, http_threads=args.http_threads,
-        max_followers=args.max_followers, max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+        max_pending=args.max_pending, keep_days=args.keep_days, grace=args.grace,
+        cancel_grace=args.cancel_grace, busy_timeout=args.busy_timeout, lease=args.lease,
+        http_threads=args.http_threads, max_followers=args.max_followers,
+        max_connections=args.max_connections, idle_timeout=args.idle_timeout,
         db_connections=args.db_connections, allowed_hosts=tuple(args.allowed_host),
         allow_origins=tuple(args.allow_origin), public_names=public_names(host))
     log_writer = configure_logging(args.log_level, args.log_format)
@@ -3924,8 +3993,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda *_: reload.set())  # a handler must not start threads or take locks
     threading.Thread(target=server.run, name="http", daemon=True).start()
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"Serving on http://{shown_host}:{port} (templates: {args.templates}, database: {redacted(args.db)},"
-          f" instance: {runner.instance})", flush=True)
+    print(f"Serving on http://{shown_host}:{port} (templates: {args.templates},"
+          f" database: {redacted(args.db)}, instance: {runner.instance})", flush=True)
     while not stop.wait(0.2):
         if reload.is_set():
             reload.clear()
@@ -3944,7 +4013,8 @@ def start_failure(error: Exception, database: str) -> str:
     if isinstance(error, TemplateError):
         return str(error)
     if isinstance(error, ImportError):
-        return f"{error}: a postgresql:// database needs psycopg 3 (python -m pip install -r requirements.txt)"
+        return (f"{error}: a postgresql:// database needs psycopg 3"
+                f" (python -m pip install -r requirements.txt)")
     return f"cannot use the database {redacted(database)}: {error}"
 
 
@@ -3990,7 +4060,8 @@ def secure_channel_class():
 
 
 def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
     return socket.create_server(address, family=family, reuse_port=reuse_port, backlog=2048)
 
 
