@@ -1033,29 +1033,31 @@ class StoreEvent(NamedTuple):
     progress: Progress | None = None
 
 
-NEXT_FREE_SLOT = ("""(SELECT min(c.n) FROM (SELECT 0 AS n UNION ALL
-    SELECT r.slot + 1 FROM jobs r WHERE r.template = {row}.template AND r.status = 'Executing'"""
-                  """ AND r.slot IS NOT NULL
-  ) c WHERE NOT EXISTS (
-    SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))""")
+NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (
+        SELECT 0 AS n UNION ALL
+        SELECT r.slot + 1 FROM jobs r
+        WHERE r.template = {row}.template AND r.status = 'Executing' AND r.slot IS NOT NULL
+    ) c WHERE NOT EXISTS (
+        SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))"""
 
 # A job takes the lowest free slot of its template below its max_concurrent. A unique index over the slots of
 # Executing jobs (schema.sql) makes the database itself refuse a second job in a slot, so two instances that
 # claim at once cannot pass the limit: the loser's statement fails and it claims again.
-CLAIM_JOB = (f"""
+CLAIM_JOB = f"""
 WITH candidate AS MATERIALIZED (
     SELECT p.id FROM jobs p
-    WHERE p.status = 'Pending' AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')}"""
-             f""" < p.max_concurrent)
+    WHERE p.status = 'Pending'
+      AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent)
     ORDER BY p.id LIMIT 1 {{skip_locked}}
 )
 UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
     slot = CASE WHEN jobs.max_concurrent IS NULL THEN NULL ELSE {NEXT_FREE_SLOT.format(row='jobs')} END
 FROM candidate
-WHERE jobs.id = candidate.id AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
+WHERE jobs.id = candidate.id
+  AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
 RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets,
     EXISTS (SELECT 1 FROM jobs o WHERE o.status = 'Pending' AND o.id <> jobs.id)
-""")
+"""
 
 # A worker's writes about its job hold only while its instance owns the job and holds its lease, so an
 # instance that was paused or cut off, and came back after others ended its jobs, changes nothing.
