@@ -1038,7 +1038,8 @@ NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (
         SELECT r.slot + 1 FROM jobs r
         WHERE r.template = {row}.template AND r.status = 'Executing' AND r.slot IS NOT NULL
     ) c WHERE NOT EXISTS (
-        SELECT 1 FROM jobs u WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))"""
+        SELECT 1 FROM jobs u
+        WHERE u.template = {row}.template AND u.status = 'Executing' AND u.slot = c.n))"""
 
 # A job takes the lowest free slot of its template below its max_concurrent. A unique index over the slots of
 # Executing jobs (schema.sql) makes the database itself refuse a second job in a slot, so two instances that
