@@ -11,7 +11,6 @@ Every in-process request also checks the headers every response must carry (chec
 trigger checks that no job was created, every refused cancel that the job it names was not touched."""
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ import pytest
 import webtest
 
 import app as server_module
-from conftest import ROOT, ServerProcess, job_count, query, wait_for
+from conftest import ROOT, ServerProcess, job_count, query, release, wait_for
 
 FORM = "application/x-www-form-urlencoded"
 FINAL = ("Succeeded", "Warning", "Error")
@@ -982,22 +981,6 @@ def make_fifo(directory, name):
     return path
 
 
-def release(path, timeout=10):
-    """Wait until a job reads the fifo, then give it one line."""
-
-    def open_for_writing():
-        try:
-            return [os.open(path, os.O_WRONLY | os.O_NONBLOCK)]
-        except OSError as error:
-            if error.errno == errno.ENXIO:
-                return None
-            raise
-
-    descriptor = wait_for(open_for_writing, timeout, what=f"a job reading {path}")[0]
-    try:
-        os.write(descriptor, b"go\n")
-    finally:
-        os.close(descriptor)
 
 
 def waiting(server) -> int:
