@@ -4,12 +4,10 @@ instances (also after the listening connection was killed), SIGTERM of one insta
 PostgreSQL restarted under load."""
 
 import http.client
-import os
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

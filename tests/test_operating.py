@@ -6,12 +6,9 @@ import logging
 import signal
 import sqlite3
 import threading
-import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import app as server_module
 from conftest import final_status, wait_for, wait_for_log
 
 SECRET, KEY = "hunter2-secret-Zq9", "operator-key-Kx7"
