@@ -3008,6 +3008,9 @@ class RequestGuard:
             return None
         mode, destination = headers.get("Sec-Fetch-Mode"), headers.get("Sec-Fetch-Dest")
         if not changes_state and mode == "navigate" and destination in (None, "document"):
+            # Another site may send the user here, but not spend their address's wrong keys (authorize).
+            request.environ["jobserver.from_elsewhere"] = headers.get("Sec-Fetch-Site") not in (
+                None, "same-origin", "none")
             return None
         site = headers.get("Sec-Fetch-Site")
         what = "changes" if changes_state else "reads"
@@ -3042,7 +3045,7 @@ class RequestGuard:
         while the client's address has tried too many wrong keys (even with the right one now)."""
         if not digest:
             return
-        address = request.remote_addr or "-"
+        address = throttled_address(request.remote_addr or "-")
         if wait := self.throttle.retry_after(address):
             self.metrics.refused.labels("key-throttle").inc()
             self.refusals(f"throttle {address}", logging.WARNING, "request.refused", "request refused",
@@ -3050,7 +3053,9 @@ class RequestGuard:
             raise ApiError(f"Too many wrong keys from this address; try again in {wait} s", 429,
                            {"Retry-After": str(wait)})
         if problem := key_problem(given, digest):
-            if given:
+            # A navigation that another site started shows the user the refusal and tells that site nothing,
+            # so its wrong keys are no guesses: counting them would let any page lock the user out.
+            if given and not request.environ.get("jobserver.from_elsewhere"):
                 self.throttle.failed(address)
             raise KeyRefused(problem)
 
@@ -3063,6 +3068,20 @@ class RequestGuard:
         for name in [name for name in response.headers.keys() if name.lower().startswith("access-control-")]:
             del response.headers[name]
         return response
+
+
+def throttled_address(address: str) -> str:
+    """The address the key throttle counts for a client: every loopback address is one (127.0.0.2 is as near
+    as 127.0.0.1), and an IPv6 client counts by its /64, which one host is usually given whole."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.is_loopback:
+        return "loopback"
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return address
 
 
 def origin_of(url: str) -> str:
@@ -3555,15 +3574,14 @@ def job_row(token: int, template: str, status: str, keyed: bool, created: float,
 def job_page(job: JobDetail, unlocked: bool, status: int = 200, problem: str | None = None) -> Response:
     site = services()
     template = site.catalog.get(job.template)
-    first = max(0, job.log_count - TAIL_ENTRIES)
+    first = max(0, job.log_count - TAIL_ENTRIES) if unlocked else 0  # a locked page tells nothing of the log
     entries = [(level.lower(), level, message) for _, level, message in
                (site.store.log_tail(job.id, first, job.log_count) if unlocked else [])]
     variables = [{"name": name, "value": value, "secret": value is None}
                  for name, value in job.variables.items()]
     again = None
     if template is not None and template.api:
-        again = url_for("pages.template_form", name=template.name,
-                        **{v["name"]: v["value"] for v in variables if not v["secret"]})
+        again = template_url(template.name, {v["name"]: v["value"] for v in variables if not v["secret"]})
     return page("job.html", status, job=job, unlocked=unlocked, keyed=bool(job.key_digest), entries=entries,
                 first=first, variables=variables, again=again, times=timing((job.created_at, job.started_at,
                                                                               job.finished_at)),
@@ -3581,11 +3599,23 @@ def job_view(token: str):
     if request.method == "GET":
         return job_page(job, unlocked=False, status=403)
     form = PageForm()
+    if refusal := page_key_refusal(form.key, job):
+        return refusal
+    return job_page(job, unlocked=True)
+
+
+def page_key_refusal(key: str | None, job: JobDetail) -> Response | None:
+    """The locked job page with why a key was refused (wrong, or the throttle's 429), or None when it opens
+    the job."""
     try:
-        services().guard.authorize(form.key, job.key_digest)
+        services().guard.authorize(key, job.key_digest)
     except KeyRefused as error:
         return job_page(job, unlocked=False, status=403, problem=error.message)
-    return job_page(job, unlocked=True)
+    except ApiError as error:
+        response = job_page(job, unlocked=False, status=error.status, problem=error.message)
+        response.headers.update(error.headers)
+        return response
+    return None
 
 
 @pages.route("/jobs/<token>/updates")
@@ -3622,12 +3652,25 @@ def int_argument(name: str) -> int:
 def cancel_from_page(token: str):
     job = job_or_404(token)
     form = PageForm()
-    services().guard.authorize(form.key, job.key_digest)
+    if refusal := page_key_refusal(form.key, job):
+        return refusal
     services().runner.cancel(job.id)
     return redirect(url_for("pages.job_view", token=job.id), 303)
 
 
-@pages.route("/templates/<name>", methods=["GET", "POST"])
+def template_url(name: str, values: dict[str, str] | None = None) -> str:
+    """/templates/NAME, with values for the form in the query string: built here, not by url_for, whose own
+    keyword arguments (endpoint, _anchor, _method...) a variable of that name would become."""
+    query = f"?{urllib.parse.urlencode(values)}" if values else ""
+    return f"/templates/{urllib.parse.quote(name, safe='')}{query}"
+
+
+@pages.app_template_global("template_url")
+def template_link(name: str) -> str:
+    return template_url(name)
+
+
+@pages.route("/templates/<path:name>", methods=["GET", "POST"])
 def template_form(name: str):
     """A template's form: one input per declared variable, filled with the query's values (Run again) or the
     defaults. Posting it triggers a job like the API does and goes to the job's page; a refused value is shown
@@ -3642,8 +3685,8 @@ def template_form(name: str):
         return form_page(template, values)
     form = PageForm()
     given = form.variables()
-    kept = {name: value for name, value in given
-            if not (template.variables.get(name.lower()) and template.variables[name.lower()].secret)}
+    secret = {variable.name.lower() for variable in template.variables.values() if variable.secret}
+    kept = {name: value for name, value in given if name.removeprefix("$").lower() not in secret}
     if form.problems:
         return form_page(template, kept, 400, form.problems)
     try:
@@ -3652,6 +3695,10 @@ def template_form(name: str):
         token = trigger_job(template, variables, via="page")
     except KeyRefused as error:
         return form_page(template, kept, 403, {"key": error.message})
+    except ApiError as error:  # the key throttle's 429: said next to the key, the values kept
+        response = form_page(template, kept, error.status, {"key": error.message})
+        response.headers.update(error.headers)
+        return response
     except BadValue as error:
         return form_page(template, kept, 400, {error.field or "": error.message})
     except NotAccepting as error:
@@ -3684,7 +3731,8 @@ def html_pattern(pattern: str) -> str | None:
     """A template's (Python) pattern as a browser's pattern attribute takes it, or None when it uses syntax
     this does not translate: then the browser gives no hint, and the server enforces the pattern either
     way."""
-    if "(?" in pattern.replace("(?:", "") or re.search(r"\\[AZzGNpPxuU0-9]", pattern):
+    # \w, \d and \b are Unicode in Python and ASCII in a browser: such a hint would refuse values the server takes.
+    if "(?" in pattern.replace("(?:", "") or re.search(r"\\[AZzGNpPxuU0-9wWdDbB]", pattern):
         return None
     out: list[str] = []
     in_class = False
@@ -4041,6 +4089,19 @@ def serve(app: Flask, listener: socket.socket, settings: Settings):
                            cleanup_interval=max(1, int(settings.idle_timeout / 4)), asyncore_use_poll=True,
                            backlog=2048, max_request_body_size=2 * settings.max_body + 65536, ident="")
     server.channel_class = secure_channel_class()
+    deadline = 3 * settings.idle_timeout
+    maintenance = server.maintenance
+
+    def close_slow_requests(now: float) -> None:
+        """waitress closes connections that have been silent for idle_timeout; this also closes one whose
+        request, trickled a byte at a time, has not arrived whole within three times that."""
+        maintenance(now)
+        for channel in list(server.active_channels.values()):
+            began = getattr(channel, "request_began", None)
+            if channel.request is not None and not channel.requests and began and now - began > deadline:
+                channel.will_close = True
+
+    server.maintenance = close_slow_requests
     return server
 
 
@@ -4058,6 +4119,12 @@ def secure_channel_class():
 
     class SecureChannel(HTTPChannel):
         error_task_class = SecureErrorTask
+        request_began = None  # when the request now arriving began (see serve)
+
+        def received(self, data):
+            if self.request is None and data:
+                self.request_began = time.time()  # the clock waitress's maintenance is given
+            return super().received(data)
 
     return SecureChannel
 

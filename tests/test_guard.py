@@ -766,6 +766,35 @@ def test_throttle_memory_is_bounded_and_forgets_addresses(configured_app, monkey
          status=200)
 
 
+def test_wrong_keys_in_navigations_from_another_site_do_not_lock_the_user_out(configured_app):
+    """Another site may send a user's browser here (a link, a window it opens) with wrong keys: the user sees
+    the refusal, the site learns nothing, and those keys do not count for the throttle (else any page could
+    lock every local client out of keyed templates)."""
+    address = "10.50.0.1"
+    navigate = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    token = send(configured_app, "GET", "/api/jobs/trigger", {"template": "locked", "key": KEY},
+                 address="10.50.0.2", status=200).text
+    for number in range(10):
+        send(configured_app, "GET", "/api/jobs/status", {"token": token, "key": f"wrong-{number}"},
+             address=address, headers=navigate, status=403)
+    send(configured_app, "GET", "/api/jobs/status", {"token": token, "key": KEY}, address=address, status=200)
+
+
+def test_every_loopback_address_counts_as_one_for_the_throttle(tmp_path):
+    """127.0.0.2 reaches the server as surely as 127.0.0.1: rotating through them gave fresh tries."""
+    app = build_app(tmp_path, KEY_FAILURES=3)
+    try:
+        for number in range(4):
+            send(app, "GET", "/api/jobs/trigger", {"template": "locked", "key": "wrong"},
+                 address=f"127.0.{number}.9", status=403)
+        response = send(app, "GET", "/api/jobs/trigger", {"template": "locked", "key": KEY}, address="127.200.0.1")
+        assert_refusal(response, None, status=429)
+    finally:
+        server_module.shutdown_app(app, grace=0)
+    assert server_module.throttled_address("2001:db8:1:2::7") == server_module.throttled_address("2001:db8:1:2::8")
+    assert server_module.throttled_address("2001:db8:1:3::7") != server_module.throttled_address("2001:db8:1:2::7")
+
+
 def test_key_throttle_default_capacity_bounds_a_flood():
     throttle = server_module.KeyThrottle()
     assert 0 < throttle.capacity <= 4096
@@ -1347,6 +1376,29 @@ def test_silent_connections_are_closed_after_the_idle_timeout_but_not_waits(serv
     assert follower["seconds"] >= 2.3, "a wait was cut short by the idle timeout"
     release(fifo)
     assert http(server_c, "GET", "/api/jobs/status", {"token": token, "wait": "20"})[1] == "Succeeded"
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_closed_after_three_idle_timeouts(server_c):
+    """A client that sends a byte of its request every half second is never silent for the idle timeout (1 s
+    here), but a request must arrive whole within three of them: such connections once stayed open for ever,
+    and 4,000 of them kept every new client out."""
+    sock = socket.create_connection(("127.0.0.1", server_c.port), timeout=5)
+    with sock:
+        started = time.monotonic()
+        head = b"GET /api/jobs/status?token=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
+        closed = None
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = time.monotonic() - started
+                break
+            if closed_by_server(sock, time.monotonic() + 0.4) is not None:
+                closed = time.monotonic() - started
+                break
+            if time.monotonic() - started > 12:
+                break
+        assert closed is not None and 2.5 <= closed <= 7, f"closed after {closed} s"
 
 
 def test_waits_beyond_max_followers_are_answered_at_once(server_c, tmp_path):

@@ -1117,3 +1117,81 @@ def test_readme_has_a_web_page_section_with_screenshots():
     assert {"docs/jobs.png", "docs/job.png"} <= set(images), images
     for image in images:
         assert (ROOT / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+
+
+#
+# What an adversarial review reproduced against a real server, each fixed.
+#
+
+def test_variables_named_like_url_for_arguments_keep_the_job_page_working(make_app):
+    """A variable called name, endpoint, _method or _anchor once made every page of its jobs a 500: the
+    Run again link was built by url_for, whose own keyword arguments they are."""
+    client = make_app('[open]\nallow_new_variables = true\n[open.variables]\nname = "world"\n'
+                      '[[open.steps]]\nlog = "hi $name"\n')
+    client.extra_environ["HTTP_HOST"] = "localhost"
+    token = client.get("/api/jobs/trigger", {"template": "open", "endpoint": "x", "_method": "DELETE",
+                                             "_anchor": "frag"}).text
+    client.get("/api/jobs/status", {"token": token, "wait": 10})
+    response = client.get(f"/jobs/{token}")
+    again = urllib.parse.urlsplit(response.html.select_one("#run-again")["href"])
+    assert again.path == "/templates/open" and not again.fragment
+    assert dict(urllib.parse.parse_qsl(again.query)) == {"name": "world", "endpoint": "x", "_method": "DELETE",
+                                                         "_anchor": "frag"}
+
+
+def test_a_locked_page_is_the_same_for_a_long_log(make_app):
+    """A locked page once showed where its log's last 200 entries began: how long the log was."""
+    client = make_app('[big]\nkey = "k"\n[[big.steps]]\nrun = "seq 1 600"\n[small]\nkey = "k"\n'
+                      '[[small.steps]]\nlog = "one"\n')
+    client.extra_environ["HTTP_HOST"] = "localhost"
+    tokens = [client.get("/api/jobs/trigger", {"template": name, "key": "k"}).text for name in ("big", "small")]
+    for token in tokens:
+        client.get("/api/jobs/status", {"token": token, "key": "k", "wait": 10})
+
+    def locked(token):
+        html = client.get(f"/jobs/{token}", status=403).text
+        return re.sub(r"[0-9]{10}\.[0-9a-f]+|Job [0-9]+|/jobs/[0-9]+|data-token=\"[0-9]+\"|"
+                      r"\"token\" value=\"[0-9]+\"|<time[^>]*>[^<]*</time>|big|small", "", html)
+
+    assert locked(tokens[0]) == locked(tokens[1])
+
+
+def test_a_secret_given_as_an_added_row_with_a_dollar_is_not_sent_back(make_app):
+    client = make_app('[open]\nallow_new_variables = true\n[open.variables]\nTarget = { pattern = "[a-z]+" }\n'
+                      'Password = { secret = true, default = "" }\n[[open.steps]]\nlog = "x"\n')
+    client.extra_environ["HTTP_HOST"] = "localhost"
+    form = client.get("/templates/open").forms["run-form"]
+    form["Target"] = "BAD!"
+    form.fields["new-name"][0].value = "$Password"
+    form.fields["new-value"][0].value = "TOPSECRET2"
+    response = form.submit(status=400)
+    assert "TOPSECRET2" not in response.text and "does not match the pattern" in response.text
+
+
+def test_no_browser_hint_for_patterns_whose_classes_differ_in_a_browser():
+    import app as server_module
+
+    assert server_module.html_pattern(r"\w+") is None and server_module.html_pattern(r"\d{2}") is None
+    assert server_module.html_pattern("[a-z0-9.-]+") == r"[a-z0-9\.\-]+"
+
+
+def test_the_key_throttle_on_a_form_is_said_next_to_the_key(make_app):
+    client = make_app('[locked]\nkey = "right"\n[locked.variables]\nN = ""\n[[locked.steps]]\nlog = "x"\n',
+                      KEY_FAILURES=2)
+    client.extra_environ["HTTP_HOST"] = "localhost"
+    for _ in range(3):
+        client.get("/api/jobs/trigger", {"template": "locked", "key": "wrong"}, status=403)
+    form = client.get("/templates/locked").forms["run-form"]
+    form["N"], form["key"] = "77", "right"
+    response = form.submit(status=429)
+    assert response.headers["Retry-After"] and "Too many wrong keys" in text(response.html.select_one("#problem-key"))
+    assert response.html.select_one("#var-N")["value"] == "77" and "right" not in response.text
+
+
+def test_a_template_whose_name_has_a_slash_is_runnable_from_the_page(make_app):
+    client = make_app('["db/backup"]\n[["db/backup".steps]]\nlog = "backed up"\n')
+    client.extra_environ["HTTP_HOST"] = "localhost"
+    link = client.get("/").html.select_one("ul.templates a")["href"]
+    assert link == "/templates/db%2Fbackup"
+    form = client.get(link).forms["run-form"]
+    assert form.submit(status=303).headers["Location"].startswith("/jobs/")
