@@ -227,7 +227,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         line = {"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "level": record.levelname.lower(), "event": getattr(record, "event", "log"),
+                "level": record.levelname.lower(), "event": getattr(record, "event", record.name),
                 "message": record.getMessage()}
         line.update(getattr(record, "fields", {}))
         return json.dumps(line, default=str)
@@ -248,11 +248,16 @@ def configure_logging(level: str = "info", form: str = "text") -> logging.handle
     handler.setFormatter(JsonFormatter() if form == "json" else TextFormatter())
     records: queue.SimpleQueue = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler)
-    for old in list(LOG.handlers):
-        LOG.removeHandler(old)
-    LOG.addHandler(DeferredQueueHandler(records))
-    LOG.setLevel({"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}[level])
-    LOG.propagate = False
+    threshold = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}[level]
+    # The PostgreSQL driver's own messages (the pool's reconnects) go the same way, in the same format; its
+    # routine INFO lines only at debug.
+    driver = logging.DEBUG if threshold == logging.DEBUG else logging.WARNING
+    for logger, least in ((LOG, threshold), (logging.getLogger("psycopg"), driver)):
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(DeferredQueueHandler(records))
+        logger.setLevel(least)
+        logger.propagate = False
     listener.start()
     return listener
 
@@ -1043,12 +1048,16 @@ NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (
 
 # A job takes the lowest free slot of its template below its max_concurrent. A unique index over the slots of
 # Executing jobs (schema.sql) makes the database itself refuse a second job in a slot, so two instances that
-# claim at once cannot pass the limit: the loser's statement fails and it claims again.
+# claim at once cannot pass the limit: the loser's statement fails and it claims again. A limited template's
+# jobs start in trigger order: one whose older sibling is still Pending (perhaps being claimed by another
+# instance, which SKIP LOCKED would pass over) is not a candidate.
 CLAIM_JOB = f"""
 WITH candidate AS MATERIALIZED (
     SELECT p.id FROM jobs p
     WHERE p.status = 'Pending'
-      AND (p.max_concurrent IS NULL OR {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent)
+      AND (p.max_concurrent IS NULL OR ({NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent
+           AND NOT EXISTS (SELECT 1 FROM jobs o
+                           WHERE o.status = 'Pending' AND o.id < p.id AND o.template = p.template)))
     ORDER BY p.id LIMIT 1 {{skip_locked}}
 )
 UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
@@ -1114,6 +1123,9 @@ class JobStore:
         """Tell the other instances about these events, inside the transaction (nothing for SQLite)."""
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
+        """Insert entries from first_seq on, skipping those already stored: a write whose commit went through
+        while its answer was lost (a dropped connection) is sent again with the same entries, and must
+        neither fail on them for ever nor store them twice."""
         raise NotImplementedError
 
     def _prune_turn(self, db) -> bool:
@@ -1437,10 +1449,9 @@ class JobStore:
     def renew_lease(self, instance: str, lease: float) -> bool:
         """Extend this instance's lease, by the database's clock; False when it had already run out (others
         may be ending its jobs: it must start again as a new instance)."""
-        return self._write(lambda db: self._changed(
-            db, "UPDATE instances SET lease_until = {now} + ? WHERE id = ?"
-                " AND lease_until > {now}", (lease, instance)),
-            single=True)
+        return self._write(lambda db: self._changed(db, self.RENEW_LEASE, (lease, instance)), single=True)
+
+    RENEW_LEASE = "UPDATE instances SET lease_until = {now} + ? WHERE id = ? AND lease_until > {now}"
 
     def end_lease(self, instance: str) -> None:
         """This instance stops: its lease ends now (its jobs are already final)."""
@@ -1455,21 +1466,25 @@ class JobStore:
             " LEFT JOIN instances i ON i.id = j.owner"
             " WHERE j.status = 'Executing' AND (i.id IS NULL OR i.lease_until <= {now}) ORDER BY j.id")
 
-    def end_orphaned_job(self, job_id: int, owner: str | None, message: str) -> bool:
-        """End in Error a job whose instance stopped, with an entry saying so; False when it was already final
-        (or claimed by its owner's successor)."""
+    def end_orphaned_job(self, job_id: int, owner: str | None, message: str) -> tuple[str, float] | None:
+        """End in Error a job whose instance stopped, with an entry saying so; (its template, how long it ran)
+        or None when it was already final (or claimed by its owner's successor)."""
         def end(db):
-            if not self._changed(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
-                                     " process_group = NULL WHERE id = ? AND status = 'Executing'"
-                                     " AND coalesce(owner, '') = coalesce(?, '')", (job_id, owner)):
+            ended = self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
+                                  " process_group = NULL WHERE id = ? AND status = 'Executing'"
+                                  " AND coalesce(owner, '') = coalesce(?, '')"
+                                  " RETURNING template, {now} - coalesce(started_at, created_at)",
+                              (job_id, owner)).fetchone()
+            if ended is None:
                 return None
             seq = self._run(db, "SELECT coalesce(max(seq) + 1, 0) FROM logs WHERE job_id = ?",
                             (job_id,)).fetchone()[0]
             self._insert_logs(db, job_id, seq, [("ERROR", message)])
-            return seq + 1
+            return seq + 1, (ended[0], float(ended[1]))
 
-        return self._write(end, lambda count: [StoreEvent("job", job_id, Progress(ERROR, count)),
-                                               StoreEvent("work")] if count else []) is not None
+        result = self._write(end, lambda ended: [StoreEvent("job", job_id, Progress(ERROR, ended[0])),
+                                                 StoreEvent("work")] if ended else [])
+        return result[1] if result else None
 
     def forget_instances(self, older_than: float) -> None:
         """Delete instances whose lease ended long ago and who own no Executing job."""
@@ -1483,12 +1498,16 @@ class JobStore:
         """Why the store is not well (it does not answer a read, or its last write failed), or None. No
         writes: a load balancer may ask often."""
         try:
-            self._one("SELECT 1 FROM instances LIMIT 1")
+            self._probe()
         except StoreError as error:
             return f"the job store cannot be read: {error}"
         if self.write_failure:
             return f"the job store cannot be written: {self.write_failure}"
         return None
+
+    def _probe(self) -> None:
+        """The smallest read, which the health check asks for."""
+        self._one("SELECT 1 FROM instances LIMIT 1")
 
     def prune_finished(self, older_than_days: float, stopping: threading.Event | None = None,
                        batch: int = 500) -> int:
@@ -1638,7 +1657,8 @@ class SQLiteStore(JobStore):
         return problem
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
-        db.executemany("INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)",
+        db.executemany("INSERT INTO logs (job_id, seq, level, message) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (job_id, seq) DO NOTHING",  # see JobStore._insert_logs
                        ((job_id, first_seq + i, level, message)
                         for i, (level, message) in enumerate(entries)))
 
@@ -1831,13 +1851,30 @@ class PostgresStore(JobStore):
     IDLE_CHECK_SECONDS = 1.0
 
     @contextlib.contextmanager
-    def _lend(self):
+    def _lend(self, timeout: float | None = None):
         """A connection of the pool, marked with when it was last used (see _check_if_idle)."""
-        with self.pool.connection() as db:
+        with self.pool.connection(timeout=timeout) as db:
             try:
                 yield db
             finally:
                 db.returned_at = time.monotonic()
+
+    def renew_lease(self, instance: str, lease: float) -> bool:
+        try:
+            return super().renew_lease(instance, lease)
+        except StoreError:
+            # After an outage the pool reconnects on a back-off that doubles (1, 2, 4, 8 s...): the lease must
+            # not wait for it, or a short outage would stop the jobs. A connection of its own, for this once.
+            with self._errors(), self.psycopg.connect(self.url, autocommit=True, connect_timeout=2,
+                                                      application_name="jobserver-lease") as db:
+                return self._changed(db, self.RENEW_LEASE, (lease, instance))
+
+    HEALTH_SECONDS = 1.0
+
+    def _probe(self) -> None:
+        # Within a second, not --busy-timeout: a load balancer's health check gives up after a few.
+        with self._errors(), self._lend(timeout=self.HEALTH_SECONDS) as db:
+            db.execute("SELECT 1 FROM instances LIMIT 1")
 
     def _check_if_idle(self, db) -> None:
         """Before a connection is lent: one that sat idle for a while may have lost its server (a restart), so
@@ -1878,10 +1915,10 @@ class PostgresStore(JobStore):
                 raise SlotTaken(str(error).splitlines()[0]) from None
             raise self._failed(str(error).splitlines()[0]) from None
         except self.psycopg.Error as error:
-            raise self._failed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
-        except PoolTimeout:
-            raise self._failed(f"PostgreSQL does not answer"
-                               f" (no connection within {self.busy_timeout:g} s)") from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise self._failed(scrubbed(reason, self.url)) from None
+        except PoolTimeout as error:  # "couldn't get a connection after 5.00 sec"
+            raise self._failed(f"PostgreSQL does not answer ({error})") from None
 
     @contextlib.contextmanager
     def _read(self):
@@ -1930,7 +1967,8 @@ class PostgresStore(JobStore):
         db.execute("INSERT INTO logs (job_id, seq, level, message)"
                    " SELECT %s, first_seq + n - 1, level, message"
                    " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
-                   " (SELECT %s::integer AS first_seq) AS start",
+                   " (SELECT %s::integer AS first_seq) AS start"
+                   " ON CONFLICT (job_id, seq) DO NOTHING",  # see JobStore._insert_logs
                    (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
 
     FINISH_IS_ONE_STATEMENT = True
@@ -1945,7 +1983,8 @@ class PostgresStore(JobStore):
                              " entry AS (INSERT INTO logs (job_id, seq, level, message)"
                              " SELECT ?, ?::integer + n - 1, level, message"
                              " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
-                             " WHERE EXISTS (SELECT 1 FROM done))"
+                             " WHERE EXISTS (SELECT 1 FROM done)"
+                             " ON CONFLICT (job_id, seq) DO NOTHING)"
                              " SELECT slot FROM done",
                          (status, job_id, instance, job_id, first_seq, [level for level, _ in entries],
                           [message for _, message in entries])).fetchone()
@@ -2004,13 +2043,30 @@ def open_store(database: str, settings: Settings = DEFAULTS) -> JobStore:
 
 
 def redacted(database: str) -> str:
-    """A --db value fit to print: a URL's password replaced by ***."""
-    parts = urllib.parse.urlsplit(database)
-    if parts.password is None:
-        return database
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    """A --db value fit to print: any password in it replaced by ***."""
+    return scrubbed(database, database)
+
+
+PASSWORD_SHAPES = (
+    re.compile(r"(://[^/?#@\s]*?:)\S*@"),  # a URL's user:password@ (to the last @: safer to hide too much)
+    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE),  # conninfo or URL query
+)
+
+
+def scrubbed(text: str, database: str) -> str:
+    """text (a --db value, or an error about it) with the database's password replaced by ***, wherever it
+    shows: in a URL (however malformed), a password= parameter or a key=value connection string, and the
+    password itself, raw or percent-decoded, wherever a driver's message quotes it."""
+    passwords = set()
+    for shape in PASSWORD_SHAPES:
+        for match in shape.finditer(database):
+            found = database[match.end(1):match.end()].removesuffix("@").strip("'")
+            passwords.update(value for value in (found, urllib.parse.unquote(found)) if value)
+    for password in sorted(passwords, key=len, reverse=True):
+        text = text.replace(password, "***")
+    for shape in PASSWORD_SHAPES:
+        text = shape.sub(lambda match: match.group(1) + ("***@" if match.group().endswith("@") else "***"), text)
+    return text
 
 #
 # Metrics: this instance's figures for Prometheus, made with prometheus_client.
@@ -2030,14 +2086,17 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         self.template_names: Callable[[], frozenset[str]] = frozenset
+        self.labelled: set[str] = set()  # the template names that label a series
         self.jobs_triggered = Counter("jobserver_jobs_triggered", "Jobs triggered on this instance, by"
                                       " template and by where from (api or page)", ["template", "via"],
                                       registry=self.registry)
-        self.jobs_finished = Counter("jobserver_jobs_finished", "Jobs this instance ran to their end, by"
-                                     " template and final status", ["template", "status"],
+        self.jobs_finished = Counter("jobserver_jobs_finished", "Jobs this instance ran to their end (or"
+                                     " ended in Error for an instance that stopped), by template and final"
+                                     " status", ["template", "status"],
                                      registry=self.registry)
-        self.job_duration = Histogram("jobserver_job_duration_seconds", "How long the jobs this instance ran"
-                                      " took, from claim to end, by template", ["template"],
+        self.job_duration = Histogram("jobserver_job_duration_seconds", "How long the jobs counted in"
+                                      " jobserver_jobs_finished took, from claim to end, by template",
+                                      ["template"],
                                       buckets=DURATION_BUCKETS, registry=self.registry)
         self.http_requests = Counter("jobserver_http_requests", "HTTP requests answered, by endpoint and"
                                      " status code", ["endpoint", "code"], registry=self.registry)
@@ -2048,7 +2107,10 @@ class Metrics:
                                registry=self.registry)
 
     def template(self, name: str) -> str:
-        return name if name in self.template_names() else "other"
+        if name in self.template_names():
+            self.labelled.add(name)
+            return name
+        return "other"
 
     def job_triggered(self, template: str, via: str) -> None:
         self.jobs_triggered.labels(self.template(template), via).inc()
@@ -2064,7 +2126,19 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self.forget_removed_templates()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def forget_removed_templates(self) -> None:
+        """Drop the series of templates no longer in force (a reload removed them): the template label names
+        only templates that exist. Their jobs that end later count under "other"."""
+        for name in self.labelled - self.template_names():
+            self.labelled.discard(name)
+            for via in ("api", "page"):
+                self.jobs_triggered.remove(name, via)
+            for status in FINAL_STATUSES:
+                self.jobs_finished.remove(name, status)
+            self.job_duration.remove(name)
 
 
 class LiveFigures:
@@ -2221,7 +2295,8 @@ class JobExecution:
         self.buffered_since = 0.0
         self.worst = "DEBUG"
         self.log_bytes = 0
-        self.dropped_lines = self.dropped_bytes = 0
+        self.dropped_lines = self.dropped_bytes = 0  # past the template's log budget
+        self.unstorable_lines = 0  # past MAX_UNSTORED_ENTRIES while the store was away
         self.stop_reason: str | None = None  # logged as an ERROR entry as soon as the job notices it
         # for the operator's event: timeout, cancel, shutdown, store, lease
         self.stop_cause: str | None = None
@@ -2243,7 +2318,12 @@ class JobExecution:
 
     def log_output(self, level: str, raw: bytes) -> None:
         """Log one entry of a process's output (a line, or a piece of a long one: see OutputCutter), masked,
-        within the log budget, which counts the output as it came."""
+        within the log budget, which counts the output as it came. While the store cannot take the log, the
+        output waits in memory up to MAX_UNSTORED_ENTRIES; past that it is dropped and the job is stopped."""
+        if len(self.buffer) >= MAX_UNSTORED_ENTRIES:
+            self.unstorable_lines += 1
+            self.stop_for_store()
+            return
         if self.log_bytes + len(raw) > self.template.max_log_bytes:
             self.dropped_lines += 1
             self.dropped_bytes += len(raw)
@@ -2269,9 +2349,8 @@ class JobExecution:
             owned = self.store.append_logs(self.job_id, self.owner, self.seq, self.buffer)
         except StoreError as error:
             self.unstored, self.retry_at = str(error), time.monotonic() + 0.5
-            if len(self.buffer) > MAX_UNSTORED_ENTRIES and self.stop_reason is None:
-                self.request_stop(f"Could not store the job's log ({error}) while {len(self.buffer)} entries"
-                                  " waited; the job was stopped", graceful=False, cause="store")
+            if len(self.buffer) >= MAX_UNSTORED_ENTRIES:
+                self.stop_for_store()
             return
         self.unstored = None
         if not owned:
@@ -2280,6 +2359,12 @@ class JobExecution:
         self.runner.metrics.log_entries.inc(len(self.buffer))
         self.seq += len(self.buffer)
         self.buffer = []
+
+    def stop_for_store(self) -> None:
+        if self.stop_reason is None:
+            self.request_stop(f"Could not store the job's log ({self.unstored or 'the store failed'}) while"
+                              f" {len(self.buffer)} entries waited; the job was stopped", graceful=False,
+                              cause="store")
 
     def flush_if_due(self) -> None:
         if self.buffer and time.monotonic() - self.buffered_since >= LOG_FLUSH_SECONDS:
@@ -2341,7 +2426,7 @@ class JobExecution:
         if step.timeout and (deadline is None or time.monotonic() + step.timeout < deadline):
             deadline, why = time.monotonic() + step.timeout, f"Step timed out after {step.timeout:g} s"
         code = self.run_process(step, argv, deadline, why)
-        label = step.name or number
+        label = step.name or str(number)  # one type for log shippers: a name, or else the step's number
         if code is None:  # timed out, stopped, or could not start
             self.failure = self.failure or {"step": label, "reason": self.stop_cause or "could not start"}
             return False
@@ -2478,23 +2563,30 @@ class JobExecution:
             self.log("WARN", f"The log reached its limit of {self.template.max_log_bytes} bytes: "
                              f"{self.dropped_lines} lines ({self.dropped_bytes} bytes) of output "
                              f"were dropped")
+        if self.unstorable_lines:
+            self.log("WARN", f"{self.unstorable_lines} entries of output were dropped while the log could not"
+                             f" be stored")
         self.announce_stop()
         status = STATUS_BY_WORST_LEVEL[self.worst]
         delay = 0.5
+        unsure = False  # whether a failed attempt may have been stored all the same, its answer lost
         while not self.disowned:
             try:
                 owned = self.store.finish_job(self.job_id, self.owner, status, self.seq, self.buffer)
+                # not owned: ended by another instance, which found this one's lease run out; or a retried
+                # finish whose first attempt went through while its answer was lost
+                ended_elsewhere = not owned and not (unsure and self.store.job_status(self.job_id) == status)
             except StoreError as error:
+                unsure = True
                 if self.runner.stopping.wait(delay):
                     event(logging.ERROR, "job.unfinished", "job end not stored", token=self.job_id,
                           template=self.template.name, reason=str(error))
                     return
                 delay = min(delay * 2, 5.0)
                 continue
-            if not owned and self.store.job_status(self.job_id) not in FINAL_STATUSES:
+            if ended_elsewhere:
                 self.disowned = True
                 break
-            # (not owned but final: a retried finish whose first commit succeeded while its answer was lost)
             self.runner.metrics.log_entries.inc(len(self.buffer))
             self.seq += len(self.buffer)
             self.buffer = []
@@ -2727,14 +2819,17 @@ class JobRunner:
 
     def _heartbeat(self) -> None:
         lease = self.settings.lease
-        next_renewal = time.monotonic() + lease / 4
+        # Renewed often (a statement every lease/10 s): what an outage of the store may last before the
+        # watchdog stops the jobs is three quarters of the lease less the time since the last renewal.
+        next_renewal = time.monotonic() + lease / 10
         next_sweep = time.monotonic() + lease / 2
         while not self.stopped.wait(RECHECK_SECONDS):
             try:
                 now = time.monotonic()
                 if now >= next_renewal:
-                    next_renewal = now + lease / 4
+                    next_renewal = now + 1.0  # while renewals fail, each second: the lease is what runs out
                     self.renew_lease()
+                    next_renewal = now + lease / 10
                 if now >= next_sweep:
                     next_sweep = now + lease / 2
                     self.end_orphaned_jobs()
@@ -2786,9 +2881,8 @@ class JobRunner:
                 kill_orphaned_group(group, job_id)
             message = (f"The server stopped while the job ran (instance {owner} stopped renewing its lease);"
                        f" the job was ended")
-            if self.store.end_orphaned_job(job_id, owner, message):
-                event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
-                      reason="its instance stopped", instance=owner)
+            if ended := self.store.end_orphaned_job(job_id, owner, message):
+                self.ended_elsewhere(job_id, *ended, reason="its instance stopped", instance=owner)
         self.store.forget_instances(older_than=86400)
 
     def end_lost_claims(self) -> None:
@@ -2797,11 +2891,16 @@ class JobRunner:
         still be on its way to its worker, so only older ones count."""
         running = set(self.running)
         for job_id in self.store.owned_jobs(self.instance, older_than=10):
-            if job_id not in running and self.store.end_orphaned_job(
+            if job_id not in running and (ended := self.store.end_orphaned_job(
                     job_id, self.instance, "The job was claimed but never started (the answer to its claim"
-                                           " was lost); it was ended"):
-                event(logging.WARNING, "job.finished", "job finished", token=job_id, status=ERROR,
-                      reason="claim lost")
+                                           " was lost); it was ended")):
+                self.ended_elsewhere(job_id, *ended, reason="claim lost")
+
+    def ended_elsewhere(self, job_id: int, template: str, duration: float, **why) -> None:
+        """Tell the operator, and count, a job ended in Error here that no worker of this instance ran."""
+        self.metrics.job_finished(template, ERROR, duration)
+        event(logging.WARNING, "job.finished", "job finished", token=job_id, template=template, status=ERROR,
+              duration=round(duration, 3), **why)
 
     # Shutdown.
 
@@ -3847,6 +3946,9 @@ def guard_request():
 def finish_response(response: Response) -> Response:
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
     services().metrics.http_requests.labels(rule, str(response.status_code)).inc()
+    if LOG.isEnabledFor(logging.DEBUG):  # the path only: a query or a form may hold a key or a secret
+        event(logging.DEBUG, "http.request", "request answered", method=request.method, path=request.path,
+              status=response.status_code, client=request.remote_addr)
     return RequestGuard.secure(response)
 
 
@@ -4022,7 +4124,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.database.startswith(("postgresql:", "postgres:")):
             claimed = claim_database(settings.database)
         app = create_app(dataclasses.asdict(settings))
-    except (TemplateError, StoreError, OSError, ImportError) as error:
+    except (TemplateError, StoreError, OSError, ImportError, ValueError) as error:
         if claimed is not None:
             os.close(claimed)  # create_app closed the store it opened
         listener.close()
@@ -4066,7 +4168,7 @@ def start_failure(error: Exception, database: str) -> str:
     if isinstance(error, ImportError):
         return (f"{error}: a postgresql:// database needs psycopg 3"
                 f" (python -m pip install -r requirements.txt)")
-    return f"cannot use the database {redacted(database)}: {error}"
+    return scrubbed(f"cannot use the database {database}: {error}", database)
 
 
 def serve(app: Flask, listener: socket.socket, settings: Settings):

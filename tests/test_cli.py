@@ -85,6 +85,17 @@ def test_an_unreachable_postgresql_database_is_named_without_its_password(run_ma
     assert "hunter2" not in line
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://someone:hunter2@[::1/jobs",  # a malformed IPv6 host
+    "postgresql://someone:hunter2%ZZ@127.0.0.1:9/jobs",  # a bad percent-encoding, which the driver quotes
+    "postgresql://someone@127.0.0.1:9/jobs?password=hunter2",
+    "postgresql://someone:hunter2@127.0.0.1:9/jobs?bogus=1",
+])
+def test_a_malformed_postgresql_url_is_refused_without_its_password(run_main, templates, url):
+    line = assert_one_clear_line(*run_main(*start_args(templates, url, "--busy-timeout", "1")), "***")
+    assert "hunter2" not in line
+
+
 def test_port_in_use(run_main, templates, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ instances (also after the listening connection was killed), SIGTERM of one insta
 PostgreSQL restarted under load."""
 
 import http.client
+import re
 import signal
 import socket
 import threading
@@ -85,6 +86,8 @@ def test_max_concurrent_holds_across_instances(cluster, tmp_path):
         intervals.setdefault(token, {})[what] = float(at)
     spans = sorted((run["start"], run["end"]) for run in intervals.values())
     assert len(spans) == 15
+    started = sorted(intervals, key=lambda token: intervals[token]["start"])
+    assert started == sorted(tokens, key=int), "they started in trigger order"
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, f"two jobs of a max_concurrent = 1 template overlapped: {spans}"
     assert len(query(cluster.url, "SELECT DISTINCT owner FROM jobs")) > 1, "the jobs were shared out"
@@ -127,6 +130,12 @@ def test_kill_9_of_an_instance_ends_its_jobs_and_kills_their_processes(cluster, 
     ended_after = time.monotonic() - killed_at
     assert ended_after < 2 + 1 + 2, f"ended {ended_after:.1f} s after the kill: the lease (2 s) plus one sweep"
     assert_gone(*(pids[token] for token in victims))
+    told = "".join(server.stderr() for server in others)
+    for token in victims:  # said once, by the instance that ended it, and counted there
+        assert told.count(f"job finished: token={token} template=long status=Error duration=") == 1, told
+    counted = sum(float(value) for server in others for value in re.findall(
+        r'jobserver_jobs_finished_total\{status="Error",template="long"\} ([0-9.]+)', server.get("/metrics")[1]))
+    assert counted == len(victims), "summed over the instances, as the README says"
     survivors = [token for token in tokens if token not in victims]
     assert all(alive(pids[token]) for token in survivors), "the other instances' jobs go on"
     assert all(others[0].get("/api/jobs/status", token=t)[1] == "Executing" for t in survivors)
@@ -142,15 +151,25 @@ Dir = ""
 [[ticking.steps]]
 run = 'echo $$ > "$Dir/$JobToken.pid"; while true; do echo tick; sleep 0.1; done'
 
+[quiet]
+[quiet.variables]
+Dir = ""
+[[quiet.steps]]
+run = 'echo $$ > "$Dir/$JobToken.pid"; echo tick; exec sleep 60'
+
 [quick]
 [[quick.steps]]
 log = "quick"
 """
 
 
-def test_an_instance_paused_past_its_lease_changes_nothing_when_it_comes_back(cluster, tmp_path, leftovers):
+# ticking: the paused instance finds out from its next log write; quiet: from its final status, once the
+# other instance killed the job's process
+@pytest.mark.parametrize("template", ["ticking", "quiet"])
+def test_an_instance_paused_past_its_lease_changes_nothing_when_it_comes_back(cluster, tmp_path, leftovers,
+                                                                              template):
     first, second = cluster(TICKING, 2, "--lease", "2", "--workers", "1")
-    token = first.trigger("ticking", Dir=str(tmp_path))
+    token = first.trigger(template, Dir=str(tmp_path))
     pid = read_pid(tmp_path / f"{token}.pid")
     leftovers.append(pid)
     paused = owner_of(cluster.url, (first, second), token)
@@ -165,6 +184,9 @@ def test_an_instance_paused_past_its_lease_changes_nothing_when_it_comes_back(cl
     finally:
         paused.signal(signal.SIGCONT)
     wait_for(lambda: "serving as a new instance" in paused.stderr(), 10, what="the paused instance to notice")
+    wait_for(lambda: f"job ended by another instance: token={token} " in paused.stderr(), 10,
+             what="the paused instance to say it no longer ran the job")
+    assert f"job finished: token={token} " not in paused.stderr(), "nor does it claim to have finished it"
     assert other.get("/api/jobs/logs", token=token)[1] == log_before, "its late writes changed nothing"
     assert other.get("/api/jobs/status", token=token)[1] == "Error"
     assert paused.final_status(paused.trigger("quick")) == "Succeeded", "it serves again, as a new instance"
@@ -280,6 +302,42 @@ def test_postgresql_restarted_under_load_gives_only_503s_and_loses_nothing(clust
     statuses = dict(query(cluster.url, "SELECT id, status FROM jobs"))
     assert all(statuses[int(token)] == "Succeeded" for token in accepted)
     print(f"\nPostgreSQL restart under load: {len(accepted)} accepted, {len(refusals)} answered 503")
+
+
+CHATTY = """
+[chatty]
+[chatty.variables]
+Dir = ""
+[[chatty.steps]]
+run = '''i=0; while [ ! -e "$Dir/go" ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done; echo "lines: $i"'''
+"""
+
+
+def test_a_running_job_goes_on_through_a_postgresql_outage_shorter_than_the_lease(cluster, postgres, tmp_path):
+    # --lease 16: renewed every 1.6 s, jobs stopped 12 s after the last renewal. An outage of 7 s is shorter,
+    # however the pool's reconnect back-off (1, 2, 4, 8 s...) falls: the lease is renewed within a second of
+    # the database's return, on a connection of its own.
+    [server] = cluster(CHATTY, 1, "--lease", "16")
+    token = server.trigger("chatty", Dir=str(tmp_path))
+    wait_for_log(server, token, "line 5")
+    outage = threading.Thread(target=postgres.restart, kwargs={"downtime": 7.0})
+    outage.start()
+    try:
+        answers = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (answers and answers[-1][0] == 503):
+            asked = time.monotonic()
+            answers.append((server.get("/healthz")[0], time.monotonic() - asked))
+        assert answers[-1][0] == 503, "the health check tells of the outage"
+        assert max(took for _, took in answers) < 2.5, f"and answers soon: {answers}"
+    finally:
+        outage.join(30)
+    wait_for(lambda: server.get("/healthz")[:2] == (200, "ok"), 20, what="the health check after the outage")
+    (tmp_path / "go").touch()
+    assert server.final_status(token, timeout=20) == "Succeeded", server.get("/api/jobs/logs", token=token)[1]
+    lines = server.get("/api/jobs/logs", token=token)[1].splitlines()
+    printed = int(lines[-1].removeprefix("INFO: lines: "))
+    assert lines == [f"INFO: line {n}" for n in range(printed)] + [f"INFO: lines: {printed}"], "none lost"
 
 
 def test_an_unreachable_database_stops_start_up_with_one_line(start_server, tmp_path):

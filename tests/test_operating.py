@@ -5,11 +5,14 @@ import json
 import logging
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import final_status, wait_for, wait_for_log
+from conftest import ROOT, final_status, wait_for, wait_for_log
 
 SECRET, KEY = "hunter2-secret-Zq9", "operator-key-Kx7"
 
@@ -114,6 +117,29 @@ def test_json_lines_have_stable_fields(start_server):
     assert by_event["server.stopped"]["message"] == "stopped"
 
 
+DRIVER_LOGS = """
+import logging, app
+writer = app.configure_logging({level!r}, {form!r})
+logging.getLogger("psycopg.pool").warning("error connecting in 'jobserver': connection refused")
+logging.getLogger("psycopg.pool").info("connection added to pool 'jobserver'")
+writer.stop()
+"""
+
+
+@pytest.mark.parametrize("level, form", [("info", "json"), ("debug", "text")])
+def test_the_database_drivers_messages_come_in_the_servers_format(level, form):
+    # The pool's warnings (reconnects) must reach a log shipper as JSON like every other line, and its
+    # routine INFO lines only when asked for with debug.
+    result = subprocess.run([sys.executable, "-c", DRIVER_LOGS.format(level=level, form=form)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    lines = result.stderr.splitlines()
+    if form == "json":
+        assert [json.loads(line)["event"] for line in lines] == ["psycopg.pool"], lines
+        assert json.loads(lines[0])["level"] == "warning"
+    else:
+        assert [line.split(" ", 3)[2] for line in lines] == ["WARNING", "INFO"], lines
+
+
 def test_log_level_warning_keeps_only_warnings(start_server):
     server = start_server(TEMPLATES, "--log-level", "warning")
     ok, failing = server.trigger("hello"), server.trigger("failing")
@@ -123,6 +149,15 @@ def test_log_level_warning_keeps_only_warnings(start_server):
     lines = event_lines(server.stderr())
     assert not [line for line in lines if " INFO " in line], lines
     assert any(f"job finished: token={failing}" in line for line in lines), lines
+
+
+def test_log_level_debug_adds_each_request_without_its_query(start_server):
+    server = start_server(TEMPLATES, "--log-level", "debug")
+    token = server.trigger("deploy", key=KEY, Password=SECRET)
+    server.final_status(token, key=KEY)
+    wait_for(lambda: "request answered: method=GET path=/api/jobs/trigger status=200" in server.stderr(), 10,
+             what="the request's debug line")
+    assert KEY not in server.stderr() and SECRET not in server.stderr()
 
 
 def test_a_job_triggered_from_the_page_is_logged_as_such(make_app, caplog):
@@ -249,13 +284,14 @@ def test_a_template_no_longer_in_force_is_counted_as_other(make_app, tmp_path):
     client = make_app(TEMPLATES)
     token = client.get("/api/jobs/trigger", {"template": "sleeper"}).text
     wait_for(lambda: client.get("/api/jobs/status", {"token": token}).text == "Executing", 10)
+    assert metrics_of(client)[("jobserver_jobs_triggered_total", (("template", "sleeper"), ("via", "api")))] == 1
     catalog = client.app.extensions["jobserver"].catalog
     catalog.path.write_text(TEMPLATES.split("[sleeper]")[0])
     catalog.reload()
     assert client.get("/api/jobs/cancel", {"token": token}).text == "Error"
     samples = metrics_of(client)
     assert samples[("jobserver_jobs_finished_total", (("status", "Error"), ("template", "other")))] == 1
-    assert not any(("template", "sleeper") in labels for name, labels in samples if name.startswith("jobserver_jobs_fin"))
+    assert not [name for name, labels in samples if ("template", "sleeper") in labels], "no series names it"
 
 
 def test_long_polls_are_counted_while_they_wait(make_app):

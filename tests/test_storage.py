@@ -150,10 +150,17 @@ def test_a_job_whose_unstored_log_grows_past_its_bound_is_stopped(small_disk, st
     fill(small_disk / "filler")
     pid = int((server.directory / "flood.pid").read_text())
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20, what="the flooding job to be stopped")
+    stored_before = int(server.get("/api/jobs/logs", token=flood, offset=10**9)[2]["X-Log-Offset"])
     (small_disk / "filler").unlink()
     assert server.final_status(flood) == "Error"
-    status, body, _ = server.get("/api/jobs/logs", token=flood, offset=100000)
-    assert "ERROR: Could not store the job's log (database or disk is full) while" in body, body[-500:]
+    lines = logs(server, flood).splitlines()
+    stop = next(n for n, line in enumerate(lines) if line.startswith("ERROR: Could not store the job's log"
+                                                                       " (database or disk is full) while"))
+    output = [n for n, line in enumerate(lines) if line.startswith("INFO: ")]
+    assert len(output) - stored_before <= 100_000, "no more than 100,000 entries waited in memory"
+    assert output[-1] < stop, "nothing of the output was kept after the job was stopped"
+    assert re.fullmatch(r"WARN: \d+ entries of output were dropped while the log could not be stored",
+                        lines[-1]), lines[-3:]
     assert "Traceback" not in server.stderr()
 
 

@@ -117,6 +117,21 @@ def test_writes_hold_only_for_the_owner_while_its_lease_lasts(store, database, i
     assert store.job_status(job_id) == "Executing"
 
 
+def test_a_write_sent_again_after_its_answer_was_lost_stores_each_entry_once(store, database, instance):
+    # A dropped connection can lose the answer to a write that was committed; the runner then sends the same
+    # entries again, followed by those that came since, and at last its final status with all it still holds.
+    t = template(store)
+    job_id = store.insert_job(t, {})
+    store.claim_job(instance)
+    assert store.append_logs(job_id, instance, 0, [("INFO", "a"), ("INFO", "b")])
+    assert store.append_logs(job_id, instance, 0, [("INFO", "a"), ("INFO", "b"), ("INFO", "c")])
+    assert store.finish_job(job_id, instance, "Succeeded", 0, [("INFO", "a"), ("INFO", "b"), ("INFO", "c"),
+                                                              ("INFO", "d")])
+    assert query(database, "SELECT seq, message FROM logs ORDER BY seq") == [(0, "a"), (1, "b"), (2, "c"),
+                                                                            (3, "d")]
+    assert store.job_status(job_id) == "Succeeded"
+
+
 def test_a_lease_renews_until_it_has_run_out(store, database, instance):
     assert store.renew_lease(instance, 60)
     query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
