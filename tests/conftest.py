@@ -580,11 +580,13 @@ GATE = 'echo started; while [ ! -e "$Dir/go" ]; do sleep 0.02; done'  # until th
 FAMILY = 'sleep 300 & echo $! > "$Dir/grandchild"; echo $$ > "$Dir/child"; echo started; {then}'
 
 
-def dir_template(name: str, run: str, after: str = "", **variables) -> str:
+def dir_template(name: str, run: str, after: str = "", fields: str = "", **variables) -> str:
     """A template whose run step gets the test's directory as $Dir; `after` is TOML that follows the run step
-    (more of its fields, more steps), `variables` more variables as TOML values."""
+    (more of its fields, more steps), `fields` TOML of the template's own fields (max_concurrent = 1),
+    `variables` more variables as TOML values."""
     names = "".join(f"{variable} = {value}\n" for variable, value in {"Dir": '""', **variables}.items())
-    return f"[{name}]\n[{name}.variables]\n{names}[[{name}.steps]]\nrun = \'\'\'{run}\'\'\'\n{after}\n"
+    own = f"{fields}\n" if fields else ""
+    return f"[{name}]\n{own}[{name}.variables]\n{names}[[{name}.steps]]\nrun = \'\'\'{run}\'\'\'\n{after}\n"
 
 
 # What start_server passes unless a test passes its own value of the option:

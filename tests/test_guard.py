@@ -158,6 +158,19 @@ def jobs(app) -> int:
     return job_count(app.config["DATABASE"])
 
 
+def assert_admitted_or_refused(app, admitted, option, method, path, params, **request):
+    """One trigger request: admitted, it answers 200 and adds its job; else a refusal that names `option` (see
+    assert_refusal) and adds no job."""
+    before = jobs(app)
+    response = send(app, method, path, params, **request)
+    if admitted:
+        assert response.status_int == 200, response.text
+        assert jobs(app) == before + 1
+    else:
+        assert_refusal(response, option)
+        assert jobs(app) == before
+
+
 def trigger(app, template="open", **params):
     response = send(app, "GET", "/api/jobs/trigger", {"template": template, **params}, status=200)
     assert response.text.isdigit(), response.text
@@ -288,14 +301,8 @@ def test_x_forwarded_host_is_never_trusted(plain_app):
 def test_allowed_hosts_and_public_names(configured_app, host, admitted):
     """--allowed-host adds names (a leading dot: the name and its subdomains); when the server listens beyond
     loopback the machine's names are admitted too (PUBLIC_NAMES, which main() fills)."""
-    before = jobs(configured_app)
-    response = send(configured_app, "GET", "/api/jobs/trigger", {"template": "open"}, host=host)
-    if admitted:
-        assert response.status_int == 200, response.text
-        assert jobs(configured_app) == before + 1
-    else:
-        assert_refusal(response, "--allowed-host")
-        assert jobs(configured_app) == before
+    assert_admitted_or_refused(configured_app, admitted, "--allowed-host", "GET", "/api/jobs/trigger",
+                               {"template": "open"}, host=host)
 
 
 def test_public_names_only_beyond_loopback():
@@ -419,15 +426,8 @@ def test_same_origin_cancel_served(plain_app, finished, method, source):
     ("app.localhost:5000", "http://other.localhost:5000", False),
 ])
 def test_own_origin_is_the_host_the_request_names(plain_app, host, origin, admitted):
-    before = jobs(plain_app)
-    response = send(plain_app, "POST", "/api/jobs/trigger", {"template": "open"}, host=host,
-                    headers={"Origin": origin})
-    if admitted:
-        assert response.status_int == 200, response.text
-        assert jobs(plain_app) == before + 1
-    else:
-        assert_refusal(response, "--allow-origin")
-        assert jobs(plain_app) == before
+    assert_admitted_or_refused(plain_app, admitted, "--allow-origin", "POST", "/api/jobs/trigger",
+                               {"template": "open"}, host=host, headers={"Origin": origin})
 
 
 def page_token(app, path):
@@ -1123,6 +1123,27 @@ class Followers:
         self.stop.set()
         self.thread.join(10)
 
+    @contextlib.contextmanager
+    def following(self):
+        """Starts the followers for the block and stops them however it ends; after a block that did not fail,
+        asserts that no follower failed and that every one saw the job's end."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            self.join(timeout=10)
+        assert not self.errors, self.errors
+        assert self.done == set(self.answers), f"{len(self.done)} of {len(self.answers)} saw the end"
+
+    def end(self, gate) -> float:
+        """Releases the job's last gate (a fifo) and gives the followers up to 20 s to see the end; returns
+        when it was released."""
+        release(gate)
+        ended = time.monotonic()
+        self.join(timeout=20)
+        return ended
+
     def _ask(self, number):
         if self.follows_logs(number):
             path = f"/api/jobs/logs?token={self.token}&offset={self.offsets[number]}&wait={self.wait}"
@@ -1236,8 +1257,7 @@ def test_200_followers_never_stall_a_trigger_and_all_see_the_end(server_a, tmp_p
     baseline = request_times(server_a, token)
     memory_before = rss_kib(server_a.process.pid)
 
-    followers = Followers(server_a.port, token, FOLLOWERS).start()
-    try:
+    with Followers(server_a.port, token, FOLLOWERS).following() as followers:
         wait_for(lambda: waiting(server_a) >= FOLLOWERS or followers.errors, 30, interval=0.05,
                  what=f"{FOLLOWERS} followers held by wait")
         assert not followers.errors, followers.errors
@@ -1261,14 +1281,7 @@ def test_200_followers_never_stall_a_trigger_and_all_see_the_end(server_a, tmp_p
         # The job's end: every follower has it within 1 s.
         wait_for(lambda: waiting(server_a) >= FOLLOWERS or followers.errors, 15, interval=0.02,
                  what="the followers to wait again")
-        release(second)
-        ended = time.monotonic()
-        followers.join(timeout=20)
-    finally:
-        followers.stop.set()
-        followers.join(timeout=10)
-    assert not followers.errors, followers.errors
-    assert followers.done == set(followers.answers), f"{len(followers.done)} of {FOLLOWERS} saw the end"
+        ended = followers.end(second)
     end_delays = []
     for number, answers in followers.answers.items():
         assert all(status == 200 for _, status, _, _ in answers), answers
@@ -1437,20 +1450,12 @@ def follow_to_the_end(server, count, directory):
     wait_for(lambda: "held" in http(server, "GET", "/api/jobs/logs", {"token": token})[1], 10,
              what="the job to run")
     baseline = request_times(server, token, rounds=3)
-    followers = Followers(server.port, token, count, logs=False).start()
-    try:
+    with Followers(server.port, token, count, logs=False).following() as followers:
         wait_for(lambda: waiting(server) >= count or followers.errors, 30, interval=0.05,
                  what=f"{count} followers held by wait")
         assert not followers.errors, followers.errors
         during = request_times(server, token, rounds=3)
-        release(fifo)
-        ended = time.monotonic()
-        followers.join(timeout=20)
-    finally:
-        followers.stop.set()
-        followers.join(timeout=10)
-    assert not followers.errors, followers.errors
-    assert followers.done == set(followers.answers), f"{len(followers.done)} of {count} saw the end"
+        ended = followers.end(fifo)
     assert all(answers[-1][3] == "Succeeded" for answers in followers.answers.values())
     return sorted(answers[-1][0] - ended for answers in followers.answers.values()), baseline, during
 

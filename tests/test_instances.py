@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from conftest import alive, assert_gone, query, read_pid, wait_for, wait_for_log
+from conftest import alive, assert_gone, dir_template, query, read_pid, wait_for, wait_for_log
 
 FINAL = ("Succeeded", "Warning", "Error")
+QUICK = '[quick]\n[[quick.steps]]\nlog = "quick"\n'  # a job that ends at once, for "the instance still serves"
 
 
 @pytest.fixture
@@ -38,13 +39,7 @@ def unfinished(url: str) -> int:
     return query(url, "SELECT count(*) FROM jobs WHERE status IN ('Pending', 'Executing')")[0][0]
 
 
-RECORD = """
-[record]
-[record.variables]
-Dir = ""
-[[record.steps]]
-run = 'echo "$JobToken" >> "$Dir/tokens"'
-"""
+RECORD = dir_template("record", 'echo "$JobToken" >> "$Dir/tokens"')
 
 
 def test_each_job_runs_exactly_once_across_three_instances(cluster, tmp_path):
@@ -65,14 +60,8 @@ def test_each_job_runs_exactly_once_across_three_instances(cluster, tmp_path):
         assert pages == {200}
 
 
-SERIAL = """
-[serial]
-max_concurrent = 1
-[serial.variables]
-Dir = ""
-[[serial.steps]]
-run = 'echo "$JobToken start $(date +%s.%N)" >> "$Dir/runs"; sleep 0.1; echo "$JobToken end $(date +%s.%N)" >> "$Dir/runs"'
-"""
+SERIAL = dir_template("serial", 'echo "$JobToken start $(date +%s.%N)" >> "$Dir/runs"; sleep 0.1;'
+                                ' echo "$JobToken end $(date +%s.%N)" >> "$Dir/runs"', fields="max_concurrent = 1")
 
 
 def test_max_concurrent_holds_across_instances(cluster, tmp_path):
@@ -93,24 +82,10 @@ def test_max_concurrent_holds_across_instances(cluster, tmp_path):
     assert len(query(cluster.url, "SELECT DISTINCT owner FROM jobs")) > 1, "the jobs were shared out"
 
 
-LONG = """
-[long]
-[long.variables]
-Dir = ""
-[[long.steps]]
-run = 'echo $$ > "$Dir/$JobToken.pid"; echo "$JobToken" >> "$Dir/started"; echo started; sleep 300'
-
-[gated]
-max_concurrent = 1
-[gated.variables]
-Dir = ""
-[[gated.steps]]
-run = 'echo $$ > "$Dir/$JobToken.pid"; echo started; sleep 300'
-
-[quick]
-[[quick.steps]]
-log = "quick"
-"""
+LONG = (dir_template("long", 'echo $$ > "$Dir/$JobToken.pid"; echo "$JobToken" >> "$Dir/started"; echo started;'
+                            ' sleep 300')
+        + dir_template("gated", 'echo $$ > "$Dir/$JobToken.pid"; echo started; sleep 300', fields="max_concurrent = 1")
+        + QUICK)
 
 
 def test_kill_9_of_an_instance_ends_its_jobs_and_kills_their_processes(cluster, tmp_path, leftovers):
@@ -144,23 +119,9 @@ def test_kill_9_of_an_instance_ends_its_jobs_and_kills_their_processes(cluster, 
     assert sorted(started) == sorted(tokens), "nothing ran twice (no job is started again automatically)"
 
 
-TICKING = """
-[ticking]
-[ticking.variables]
-Dir = ""
-[[ticking.steps]]
-run = 'echo $$ > "$Dir/$JobToken.pid"; while true; do echo tick; sleep 0.1; done'
-
-[quiet]
-[quiet.variables]
-Dir = ""
-[[quiet.steps]]
-run = 'echo $$ > "$Dir/$JobToken.pid"; echo tick; exec sleep 60'
-
-[quick]
-[[quick.steps]]
-log = "quick"
-"""
+TICKING = (dir_template("ticking", 'echo $$ > "$Dir/$JobToken.pid"; while true; do echo tick; sleep 0.1; done')
+           + dir_template("quiet", 'echo $$ > "$Dir/$JobToken.pid"; echo tick; exec sleep 60')
+           + QUICK)
 
 
 # ticking: the paused instance finds out from its next log write; quiet: from its final status, once the
@@ -304,13 +265,8 @@ def test_postgresql_restarted_under_load_gives_only_503s_and_loses_nothing(clust
     print(f"\nPostgreSQL restart under load: {len(accepted)} accepted, {len(refusals)} answered 503")
 
 
-CHATTY = """
-[chatty]
-[chatty.variables]
-Dir = ""
-[[chatty.steps]]
-run = '''i=0; while [ ! -e "$Dir/go" ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done; echo "lines: $i"'''
-"""
+CHATTY = dir_template("chatty", 'i=0; while [ ! -e "$Dir/go" ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done;'
+                                ' echo "lines: $i"')
 
 
 def test_a_running_job_goes_on_through_a_postgresql_outage_shorter_than_the_lease(cluster, postgres, tmp_path):
