@@ -213,7 +213,8 @@ class TextFormatter(logging.Formatter):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         fields = " ".join(f"{name}={text_field(value)}"
                           for name, value in getattr(record, "fields", {}).items() if value is not None)
-        return f"{stamp} {record.levelname} {record.getMessage()}{': ' + fields if fields else ''}"
+        message = " ".join(record.getMessage().split())  # one line, whatever a library's message holds
+        return f"{stamp} {record.levelname} {message}{': ' + fields if fields else ''}"
 
 
 def text_field(value) -> str:
@@ -1056,8 +1057,7 @@ WITH candidate AS MATERIALIZED (
     SELECT p.id FROM jobs p
     WHERE p.status = 'Pending'
       AND (p.max_concurrent IS NULL OR ({NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent
-           AND NOT EXISTS (SELECT 1 FROM jobs o
-                           WHERE o.status = 'Pending' AND o.id < p.id AND o.template = p.template)))
+           AND p.id = (SELECT min(o.id) FROM jobs o WHERE o.status = 'Pending' AND o.template = p.template)))
     ORDER BY p.id LIMIT 1 {{skip_locked}}
 )
 UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
@@ -1837,6 +1837,7 @@ class PostgresStore(JobStore):
         self.psycopg, self.url, self.busy_timeout = psycopg, url, busy_timeout
         self.origin = uuid.uuid4().hex[:12]  # this store's own notifications are not news to it
         self._stopping = threading.Event()
+        self._probe_lock, self._probing = threading.Lock(), None
         self.pool = ConnectionPool(url, min_size=min(2, connections), max_size=connections, open=False,
                                    timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
                                    check=self._check_if_idle)
@@ -1859,21 +1860,35 @@ class PostgresStore(JobStore):
             finally:
                 db.returned_at = time.monotonic()
 
+    QUICK_SECONDS = 1.0  # what the lease and the health check wait for a pooled connection
+
     def renew_lease(self, instance: str, lease: float) -> bool:
+        """On a pooled connection if one comes within a second, else on a connection of its own: after an
+        outage the pool reconnects on a back-off that doubles (1, 2, 4, 8 s...), and the lease must not wait
+        for it, or a short outage would stop the jobs."""
         try:
-            return super().renew_lease(instance, lease)
+            with self._errors(), self._lend(timeout=self.QUICK_SECONDS) as db:
+                return self._changed(db, self.RENEW_LEASE, (lease, instance))
         except StoreError:
-            # After an outage the pool reconnects on a back-off that doubles (1, 2, 4, 8 s...): the lease must
-            # not wait for it, or a short outage would stop the jobs. A connection of its own, for this once.
             with self._errors(), self.psycopg.connect(self.url, autocommit=True, connect_timeout=2,
                                                       application_name="jobserver-lease") as db:
                 return self._changed(db, self.RENEW_LEASE, (lease, instance))
 
-    HEALTH_SECONDS = 1.0
-
     def _probe(self) -> None:
-        # Within a second, not --busy-timeout: a load balancer's health check gives up after a few.
-        with self._errors(), self._lend(timeout=self.HEALTH_SECONDS) as db:
+        # Within a second, not --busy-timeout: a load balancer's health check gives up after a few. A server
+        # that hangs rather than refuses must not hang the check with it, so the read runs on a thread of
+        # its own, one at a time, and the check waits only so long for it.
+        with self._probe_lock:
+            if self._probing is None or self._probing.done.is_set():
+                self._probing = BackgroundCall(self._probe_read, "pg-health")
+            probing = self._probing
+        if not probing.done.wait(self.QUICK_SECONDS + 0.5):
+            raise self._failed(f"PostgreSQL does not answer (a read took over {self.QUICK_SECONDS:g} s)")
+        if probing.error is not None:
+            raise probing.error
+
+    def _probe_read(self) -> None:
+        with self._errors(), self._lend(timeout=self.QUICK_SECONDS) as db:
             db.execute("SELECT 1 FROM instances LIMIT 1")
 
     def _check_if_idle(self, db) -> None:
@@ -1914,11 +1929,11 @@ class PostgresStore(JobStore):
             if "slot" in str(error):
                 raise SlotTaken(str(error).splitlines()[0]) from None
             raise self._failed(str(error).splitlines()[0]) from None
+        except PoolTimeout as error:  # "couldn't get a connection after 5.00 sec" (an OperationalError too)
+            raise self._failed(f"PostgreSQL does not answer ({error})") from None
         except self.psycopg.Error as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise self._failed(scrubbed(reason, self.url)) from None
-        except PoolTimeout as error:  # "couldn't get a connection after 5.00 sec"
-            raise self._failed(f"PostgreSQL does not answer ({error})") from None
 
     @contextlib.contextmanager
     def _read(self):
@@ -2035,6 +2050,22 @@ class PostgresStore(JobStore):
         self.pool.close()
 
 
+class BackgroundCall:
+    """A call on a daemon thread of its own, whose caller can stop waiting for it (and then leave it)."""
+
+    def __init__(self, function: Callable[[], None], name: str):
+        self.done, self.error = threading.Event(), None
+        threading.Thread(target=self._run, args=(function,), name=name, daemon=True).start()
+
+    def _run(self, function: Callable[[], None]) -> None:
+        try:
+            function()
+        except Exception as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
 def open_store(database: str, settings: Settings = DEFAULTS) -> JobStore:
     """The store a --db value names: a postgresql:// URL, or else the path of a SQLite file."""
     if database.startswith(("postgresql:", "postgres:")):
@@ -2047,26 +2078,36 @@ def redacted(database: str) -> str:
     return scrubbed(database, database)
 
 
-PASSWORD_SHAPES = (
-    re.compile(r"(://[^/?#@\s]*?:)\S*@"),  # a URL's user:password@ (to the last @: safer to hide too much)
-    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE),  # conninfo or URL query
-)
-
-
 def scrubbed(text: str, database: str) -> str:
     """text (a --db value, or an error about it) with the database's password replaced by ***, wherever it
-    shows: in a URL (however malformed), a password= parameter or a key=value connection string, and the
-    password itself, raw or percent-decoded, wherever a driver's message quotes it."""
-    passwords = set()
-    for shape in PASSWORD_SHAPES:
-        for match in shape.finditer(database):
-            found = database[match.end(1):match.end()].removesuffix("@").strip("'")
-            passwords.update(value for value in (found, urllib.parse.unquote(found)) if value)
-    for password in sorted(passwords, key=len, reverse=True):
+    shows: each password the value gives (in its URL, however malformed; in a parameter whose name decodes
+    to password; in a key=value connection string), raw or percent-decoded, and then anything in the text
+    shaped like one."""
+    for password in sorted(database_passwords(database), key=len, reverse=True):
         text = text.replace(password, "***")
-    for shape in PASSWORD_SHAPES:
-        text = shape.sub(lambda match: match.group(1) + ("***@" if match.group().endswith("@") else "***"), text)
-    return text
+    text = re.sub(r"(://[^/?#@\s]*?:)[^@\s]*@", r"\1***@", text)
+    text = re.sub(r"([?&][^=&\s]+=)[^&\s]*",
+                  lambda m: m.group(1) + "***" if password_name(m.group(1)[1:-1]) else m.group(), text)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", text, flags=re.IGNORECASE)
+
+
+def database_passwords(database: str) -> set[str]:
+    """Every password a --db value may hold (over-generous, which only hides more)."""
+    found = set()
+    if "://" in database:
+        if userinfo := re.match(r"[^:/?#]*://[^/?#@:]*:(.*)@", database, re.DOTALL):  # to the last @
+            found.add(userinfo.group(1))
+        found.update(value for name, value in re.findall(r"[?&]([^=&]*)=([^&]*)", database)
+                     if password_name(name))
+    else:  # a key=value connection string
+        found.update(value.strip("'") for value in re.findall(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)",
+                                                              database, re.IGNORECASE))
+    found |= {urllib.parse.unquote(value) for value in found}
+    return {value for value in found if value}
+
+
+def password_name(name: str) -> bool:
+    return urllib.parse.unquote(name).strip().lower() == "password"
 
 #
 # Metrics: this instance's figures for Prometheus, made with prometheus_client.
@@ -2134,11 +2175,12 @@ class Metrics:
         only templates that exist. Their jobs that end later count under "other"."""
         for name in self.labelled - self.template_names():
             self.labelled.discard(name)
-            for via in ("api", "page"):
-                self.jobs_triggered.remove(name, via)
-            for status in FINAL_STATUSES:
-                self.jobs_finished.remove(name, status)
-            self.job_duration.remove(name)
+            series = [(self.jobs_triggered, (name, via)) for via in ("api", "page")]
+            series += [(self.jobs_finished, (name, status)) for status in FINAL_STATUSES]
+            series.append((self.job_duration, (name,)))
+            for metric, labels in series:
+                with contextlib.suppress(KeyError):  # prometheus_client before 0.21: a series never made
+                    metric.remove(*labels)
 
 
 class LiveFigures:
@@ -2556,6 +2598,18 @@ class JobExecution:
             self.log_output(level, entry)
         return bool(chunk)
 
+    def stored_as_ours(self, status: str) -> bool:
+        """Whether this job's end as stored is the one this instance sent: its status, and its log ending with
+        this instance's last entry (the instance that ends another's job adds an entry of its own)."""
+        expected = self.seq + len(self.buffer)
+        progress = self.store.progress_of([self.job_id]).get(self.job_id)
+        if progress is None or progress != Progress(status, expected):
+            return False
+        if not self.buffer:
+            return True
+        level, message = self.buffer[-1]
+        return self.store.read_logs(self.job_id, expected - 1, expected) == f"{level}: {message}\n"
+
     def finish(self) -> None:
         """Store the last entries and the final status, retrying while the store fails, until the server
         stops; then tell the operator."""
@@ -2575,7 +2629,7 @@ class JobExecution:
                 owned = self.store.finish_job(self.job_id, self.owner, status, self.seq, self.buffer)
                 # not owned: ended by another instance, which found this one's lease run out; or a retried
                 # finish whose first attempt went through while its answer was lost
-                ended_elsewhere = not owned and not (unsure and self.store.job_status(self.job_id) == status)
+                ended_elsewhere = not owned and not (unsure and self.stored_as_ours(status))
             except StoreError as error:
                 unsure = True
                 if self.runner.stopping.wait(delay):

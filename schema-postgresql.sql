@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_template ON jobs (template, id);
 CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- A claim's check that a limited job has no older sibling still Pending (they start in trigger order).
+CREATE INDEX IF NOT EXISTS jobs_pending_by_template ON jobs (template, id) WHERE status = 'Pending';
 -- max_concurrent, enforced by the database: no two Executing jobs of a template share a slot, whichever
 -- instances claimed them.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_running_slots ON jobs (template, slot)

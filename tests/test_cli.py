@@ -85,15 +85,31 @@ def test_an_unreachable_postgresql_database_is_named_without_its_password(run_ma
     assert "hunter2" not in line
 
 
-@pytest.mark.parametrize("url", [
-    "postgresql://someone:hunter2@[::1/jobs",  # a malformed IPv6 host
-    "postgresql://someone:hunter2%ZZ@127.0.0.1:9/jobs",  # a bad percent-encoding, which the driver quotes
-    "postgresql://someone@127.0.0.1:9/jobs?password=hunter2",
-    "postgresql://someone:hunter2@127.0.0.1:9/jobs?bogus=1",
+@pytest.mark.parametrize("url, password", [
+    ("postgresql://someone:hunter2@[::1/jobs", "hunter2"),  # a malformed IPv6 host
+    ("postgresql://someone:hunter2%ZZ@127.0.0.1:9/jobs", "hunter2"),  # a bad percent-encoding, quoted back
+    ("postgresql://someone@127.0.0.1:9/jobs?password=hunter2", "hunter2"),
+    ("postgresql://someone@127.0.0.1:9/jobs?pass%77ord=hunter2", "hunter2"),  # the driver decodes the name
+    ("postgresql://someone@127.0.0.1:9/jobs?password=hunt%20er2", "hunt er2"),
+    ("postgresql://someone:hunt er2@127.0.0.1:9/jobs", "er2"),  # a space, which the driver quotes back
+    ("postgresql://someone:hunter2\t@127.0.0.1:9/jobs", "hunter2"),
+    ("postgresql://someone:hunter2@127.0.0.1:9/jobs?bogus=1", "hunter2"),
 ])
-def test_a_malformed_postgresql_url_is_refused_without_its_password(run_main, templates, url):
+def test_a_malformed_postgresql_url_is_refused_without_its_password(run_main, templates, url, password):
     line = assert_one_clear_line(*run_main(*start_args(templates, url, "--busy-timeout", "1")), "***")
-    assert "hunter2" not in line
+    assert password not in line and "hunt" not in line
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://jobs:hunter2@db.example:5432/jobs", "postgresql://jobs:***@db.example:5432/jobs"),
+    ("postgresql://jobs@db.example/jobs?sslmode=require&pass%77ord=hunter2",
+     "postgresql://jobs@db.example/jobs?sslmode=require&pass%77ord=***"),
+    ("postgresql://jobs:p@ss@db.example/jobs", "postgresql://jobs:***@db.example/jobs"),
+    ("postgresql://jobs@db.example/jobs", "postgresql://jobs@db.example/jobs"),
+    ("/var/lib/jobserver/jobs.db", "/var/lib/jobserver/jobs.db"),
+])
+def test_the_start_up_line_shows_the_database_without_its_password(url, shown):
+    assert server_module.redacted(url) == shown
 
 
 def test_port_in_use(run_main, templates, tmp_path):

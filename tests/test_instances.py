@@ -4,11 +4,13 @@ instances (also after the listening connection was killed), SIGTERM of one insta
 PostgreSQL restarted under load."""
 
 import http.client
+import os
 import re
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -294,6 +296,40 @@ def test_a_running_job_goes_on_through_a_postgresql_outage_shorter_than_the_leas
     lines = server.get("/api/jobs/logs", token=token)[1].splitlines()
     printed = int(lines[-1].removeprefix("INFO: lines: "))
     assert lines == [f"INFO: line {n}" for n in range(printed)] + [f"INFO: lines: {printed}"], "none lost"
+
+
+def postgresql_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (backends, background workers)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{postmaster}\n" in status:
+                children.append(int(entry))
+    return [postmaster, *children]
+
+
+def test_the_health_check_answers_within_seconds_while_postgresql_hangs(cluster, postgres):
+    # A server that hangs (stopped, or cut off without a reset) rather than refuses: the check must not hang
+    # with it, however many times a load balancer asks.
+    [server] = cluster(QUICK, 1)
+    assert server.get("/healthz")[:2] == (200, "ok")
+    processes = postgresql_processes(postgres._process.pid)  # each backend is a session of its own
+    for pid in processes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            asked = time.monotonic()
+            status, body, _ = server.get("/healthz")
+            took = time.monotonic() - asked
+            assert status == 503 and "does not answer" in body and took < 3, (status, body, took)
+    finally:
+        for pid in processes:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: server.get("/healthz")[:2] == (200, "ok"), 20, what="the health check once it answers")
 
 
 def test_an_unreachable_database_stops_start_up_with_one_line(start_server, tmp_path):
