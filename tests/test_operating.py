@@ -73,6 +73,9 @@ def test_each_job_event_is_one_text_line_with_its_fields_and_no_secret(start_ser
     refused = server.request("GET", "/api/jobs/trigger?template=hello",
                              headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"})
     assert refused[0] == 403
+    # the lines reach stderr within a tenth of a second (the writer's batch)
+    wait_for(lambda: "request refused" in server.stderr() and f"job finished: token={sleeper} " in server.stderr(),
+             10, what="the last event lines")
     stderr = server.stderr()
     assert SECRET not in stderr and KEY not in stderr and "never-logged" not in stderr, stderr
     lines = event_lines(stderr)

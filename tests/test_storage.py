@@ -178,5 +178,5 @@ def test_an_instance_that_cannot_renew_its_lease_stops_its_jobs(small_disk, star
     log = server.get("/api/jobs/logs", token=chatty)[1]
     assert "stopped renewing its lease" in log, log
     assert server.final_status(server.trigger("quick")) == "Succeeded"
-    assert "lease ran out; serving as a new instance" in server.stderr()
+    wait_for(lambda: "lease ran out; serving as a new instance" in server.stderr(), 5, what="the new lease's line")
     assert "Traceback" not in server.stderr()
