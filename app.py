@@ -1062,7 +1062,7 @@ class Claim(NamedTuple):
     id: int
     template_version: int
     variables: dict[str, str]  # secrets included
-    more: bool = False  # whether other jobs were Pending after it (another worker may look)
+    more: bool = False  # whether newer jobs were Pending too (another worker may look)
 
 
 class StoreEvent(NamedTuple):
@@ -1104,7 +1104,8 @@ FROM candidate
 WHERE jobs.id = candidate.id
   AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {{now}})
 RETURNING jobs.id, jobs.template_version, jobs.variables, jobs.secrets,
-    EXISTS (SELECT 1 FROM jobs o WHERE o.status = 'Pending' AND o.id <> jobs.id)
+    (SELECT o.id FROM jobs o WHERE o.status = 'Pending' AND o.id > jobs.id ORDER BY o.status, o.id LIMIT 1)
+        IS NOT NULL
 """
 
 # A worker's writes about its job hold only while its instance owns the job and holds its lease, so an
