@@ -1285,8 +1285,11 @@ class JobStore:
         hidden = {name: value for name, value in variables.items() if name in template.secret_names}
         row = (template.version, template.name, json.dumps(public), json.dumps(hidden) if hidden else None,
                template.max_concurrent)
-        return self._write(lambda db: self._run(db, self.INSERT_JOB, row).fetchone()[0],
+        return self._write(lambda db: self._run(db, self._insert_statement(), row).fetchone()[0],
                            lambda job_id: [StoreEvent("work", job_id)], single=True)
+
+    def _insert_statement(self) -> str:
+        return self.INSERT_JOB
 
     INSERT_JOB = ("INSERT INTO jobs (template_version, template, status, variables, secrets, max_concurrent,"
                   " created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now}) RETURNING id")
@@ -1877,6 +1880,7 @@ class PostgresStore(JobStore):
         self.origin = uuid.uuid4().hex[:12]  # this store's own notifications are not news to it
         self._stopping = threading.Event()
         self._probe_lock, self._probing = threading.Lock(), None
+        self.others_alive = True  # until the first renewal says (see RENEW_LEASE_COUNTING)
         self.pool = ConnectionPool(url, min_size=min(2, connections), max_size=connections, open=False,
                                    timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
                                    check=self._check_if_idle)
@@ -1904,14 +1908,26 @@ class PostgresStore(JobStore):
     def renew_lease(self, instance: str, lease: float) -> bool:
         """On a pooled connection if one comes within a second, else on a connection of its own: after an
         outage the pool reconnects on a back-off that doubles (1, 2, 4, 8 s...), and the lease must not wait
-        for it, or a short outage would stop the jobs."""
+        for it, or a short outage would stop the jobs. Also learns whether other instances are alive."""
         try:
             with self._errors(), self._lend(timeout=self.QUICK_SECONDS) as db:
-                return self._changed(db, self.RENEW_LEASE, (lease, instance))
+                return self._renew(db, instance, lease)
         except StoreError:
             with self._errors(), self.psycopg.connect(self.url, autocommit=True, connect_timeout=2,
                                                       application_name="jobserver-lease") as db:
-                return self._changed(db, self.RENEW_LEASE, (lease, instance))
+                return self._renew(db, instance, lease)
+
+    # A lone instance does not announce work: NOTIFY takes a lock at every commit and wakes this instance's own
+    # listener, for nobody. A new instance is announced to within a renewal (lease/10), and looks for work
+    # every second meanwhile.
+    RENEW_LEASE_COUNTING = (JobStore.RENEW_LEASE + " RETURNING (SELECT count(*) FROM instances o"
+                            " WHERE o.id <> instances.id AND o.lease_until > {now})")
+
+    def _renew(self, db, instance: str, lease: float) -> bool:
+        row = self._run(db, self.RENEW_LEASE_COUNTING, (lease, instance)).fetchone()
+        if row is not None:
+            self.others_alive = row[0] > 0
+        return row is not None
 
     def _probe(self) -> None:
         # Within a second, not --busy-timeout: a load balancer's health check gives up after a few. A server
@@ -2002,8 +2018,9 @@ class PostgresStore(JobStore):
         # Only what sets another instance to work (a job to claim, a cancel): a waiter on another instance
         # learns of a job's progress by its half-second re-read, which spares every log flush and every end
         # a NOTIFY, and the commit lock that NOTIFY takes.
-        events = [happening for happening in events if happening.kind != "job"
-                  and not (happening.kind == "work" and happening.job_id)]  # a new job's went with its INSERT
+        events = [happening for happening in events if happening.kind == "cancel"
+                  or (happening.kind == "work" and not happening.job_id  # a new job's went with its INSERT
+                      and self.others_alive)]
         if not events:
             return
         payloads = []
@@ -2029,6 +2046,9 @@ class PostgresStore(JobStore):
     # The new job's NOTIFY goes with its INSERT: a trigger is one round trip (see _announce).
     INSERT_JOB = ("WITH job AS (" + JobStore.INSERT_JOB + ")"
                   " SELECT id, pg_notify('jobserver', 'work ' || id || ' - 0 ' || {origin}) FROM job")
+
+    def _insert_statement(self) -> str:
+        return self.INSERT_JOB if self.others_alive else JobStore.INSERT_JOB
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.

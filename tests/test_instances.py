@@ -164,6 +164,28 @@ def terminate_listeners(url: str) -> int:
                       " WHERE application_name = 'jobserver-listen'")[0][0]
 
 
+def heard(url: str, act, seconds: float = 1.5) -> list[str]:
+    """The notifications on the server's channel while act() runs and for `seconds` after."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("LISTEN jobserver")
+        act()
+        return [note.payload for note in db.notifies(timeout=seconds)]
+
+
+def test_a_lone_instance_announces_no_work_and_starts_when_another_comes(cluster, tmp_path):
+    # --lease 5: renewed every 0.5 s, and with it the count of the other instances alive
+    first, = cluster(RECORD, 1, "--lease", "5")
+    wait_for(lambda: not [p for p in heard(cluster.url, lambda: first.trigger("record", Dir=str(tmp_path)), 0.3)
+                          if p.startswith("work ")], 10, what="the lone instance to stop announcing work")
+    second, = cluster(RECORD, 1, "--lease", "5")
+    wait_for(lambda: [p for p in heard(cluster.url, lambda: first.trigger("record", Dir=str(tmp_path)), 0.3)
+                      if p.startswith("work ")], 10, what="the first instance to announce work again")
+    token = first.trigger("record", Dir=str(tmp_path))
+    assert second.final_status(token) == "Succeeded"
+
+
 @pytest.mark.parametrize("listeners", ["listening", "listeners-killed"])
 def test_cancel_and_wait_reach_the_instance_running_the_job(cluster, tmp_path, leftovers, listeners):
     servers = cluster(LONG, 2, "--workers", "1", "--cancel-grace", "1")
