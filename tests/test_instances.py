@@ -347,7 +347,7 @@ def test_the_health_check_answers_within_seconds_while_postgresql_hangs(cluster,
     for pid in processes:
         os.kill(pid, signal.SIGSTOP)
     try:
-        for _ in range(3):
+        for _ in range(2):  # the second while the first's read still hangs
             asked = time.monotonic()
             status, body, _ = server.get("/healthz")
             took = time.monotonic() - asked
