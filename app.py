@@ -1938,7 +1938,8 @@ class PostgresStore(JobStore):
                 self._probing = BackgroundCall(self._probe_read, "pg-health")
             probing = self._probing
         if not probing.done.wait(self.QUICK_SECONDS + 0.5):
-            raise self._failed(f"PostgreSQL does not answer (a read took over {self.QUICK_SECONDS:g} s)")
+            raise self._failed(f"PostgreSQL does not answer (no answer to a read within"
+                               f" {self.QUICK_SECONDS + 0.5:g} s)")
         if probing.error is not None:
             raise probing.error
 
