@@ -848,6 +848,7 @@ class TemplateCatalog:
     def __init__(self, path: str | Path, store: JobStore):
         self.path, self.store = Path(path), store
         self._current: dict[str, JobTemplate] = {}
+        self._names: frozenset[str] = frozenset()
         self._versions: dict[int, JobTemplate] = {}
         self._lock = threading.Lock()
         self._stamp = None
@@ -865,6 +866,7 @@ class TemplateCatalog:
         with self._lock:
             before = {t.name: t.version for t in self._current.values()}
             self._current = templates
+            self._names = frozenset(t.name for t in templates.values())
             self._versions.update((t.version, t) for t in templates.values())
             self._stamp = stamp
         after = {t.name: t.version for t in templates.values()}
@@ -878,8 +880,9 @@ class TemplateCatalog:
         return [t for t in self._current.values() if t.api]
 
     def names(self) -> frozenset[str]:
-        """The names of the templates in force (metrics name no others)."""
-        return frozenset(t.name for t in self._current.values())
+        """The names of the templates in force (metrics name no others); asked at every job's trigger and end,
+        so made once per load."""
+        return self._names
 
     def version(self, version: int) -> JobTemplate:
         """The template a job was triggered with, from memory or else from the store (a job triggered on
@@ -3718,9 +3721,14 @@ def template_or_404(name: str) -> JobTemplate:
 def timing(job) -> dict:
     """The times a page shows, as seconds since the epoch (the script shows them in the browser's zone)."""
     created, started, finished = job[0], job[1], job[2]
-    end = finished if finished is not None else (time.time() if started is not None else None)
-    return {"created": created, "started": started, "finished": finished,
-            "duration": None if started is None or end is None else max(0.0, end - started)}
+    return {"created": created, "started": started, "finished": finished, "duration": ran_for(started, finished)}
+
+
+def ran_for(started: float | None, finished: float | None) -> float | None:
+    """How long a job ran, or has been running; None before it started."""
+    if started is None:
+        return None
+    return max(0.0, (finished if finished is not None else time.time()) - started)
 
 
 @pages.app_template_filter("utc")
@@ -3775,9 +3783,7 @@ def job_row(token: int, template: str, status: str, keyed: bool, created: float,
     did not, so the row is made here: the template's name, the one text from outside, is escaped as the page
     templates' autoescape does; the rest is digits, times and status words."""
     iso = iso_text(created)
-    duration = ""
-    if not keyed and started is not None:
-        duration = duration_text(max(0.0, (finished if finished is not None else time.time()) - started))
+    duration = "" if keyed else duration_text(ran_for(started, finished))
     word, style = ("key needed", "locked") if keyed else (status, status.lower())
     return Markup(f'<tr><td><a href="/jobs/{token:d}">{token:d}</a></td><td>{escape(template)}</td>'
                   f'<td><span class="status status-{style}">{word}</span></td><td><time datetime="{iso}">'
