@@ -122,7 +122,7 @@ class Settings:
     grace: float = 30.0  # seconds running jobs get to finish at shutdown
     cancel_grace: float = 5.0  # seconds between SIGTERM and SIGKILL when a job is canceled
     busy_timeout: float = 5.0  # seconds a write waits for a lock before it fails (503)
-    lease: float = 20.0  # seconds an instance's lease lasts; it renews it every quarter of that
+    lease: float = 20.0  # seconds an instance's lease lasts; it renews it every tenth of that
     http_threads: int = 16  # threads for ordinary requests
     max_followers: int = 1000  # requests held by `wait` at once, each on a thread of its own
     max_connections: int = 4000  # open HTTP connections
@@ -1093,13 +1093,25 @@ NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (
 # claim at once cannot pass the limit: the loser's statement fails and it claims again. A limited template's
 # jobs start in trigger order: one whose older sibling is still Pending (perhaps being claimed by another
 # instance, which SKIP LOCKED would pass over) is not a candidate.
+#
+# The candidate is the older of two: the oldest unlimited job, read off a partial index that holds exactly
+# those (so it stays one index lookup however long the queue), and the oldest limited job that may start. In
+# one filtered scan PostgreSQL's planner, which believes few jobs are Pending (true whenever its statistics
+# were taken), read every Pending job and sorted them at each claim: 0.6 ms a claim with 1,000 in the queue.
 CLAIM_JOB = f"""
 WITH candidate AS MATERIALIZED (
-    SELECT p.id FROM jobs p
-    WHERE p.status = 'Pending'
-      AND (p.max_concurrent IS NULL OR ({NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent
-           AND p.id = (SELECT min(o.id) FROM jobs o WHERE o.status = 'Pending' AND o.template = p.template)))
-    ORDER BY p.id LIMIT 1 {{skip_locked}}
+    SELECT id FROM (
+        SELECT p.id FROM jobs p WHERE p.status = 'Pending' AND p.max_concurrent IS NULL
+        ORDER BY p.id LIMIT 1 {{skip_locked}}) AS unlimited
+    UNION ALL
+    SELECT id FROM (
+        SELECT p.id FROM jobs p
+        WHERE p.status = 'Pending' AND p.max_concurrent IS NOT NULL
+          AND {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent
+          AND p.id = (SELECT min(o.id) FROM jobs o WHERE o.status = 'Pending' AND o.max_concurrent IS NOT NULL
+                      AND o.template = p.template)
+        ORDER BY p.id LIMIT 1 {{skip_locked}}) AS limited
+    ORDER BY id LIMIT 1
 )
 UPDATE jobs SET status = 'Executing', owner = ?, started_at = {{now}}, cancel_requested = 0,
     slot = CASE WHEN jobs.max_concurrent IS NULL THEN NULL ELSE {NEXT_FREE_SLOT.format(row='jobs')} END
@@ -1284,18 +1296,43 @@ class JobStore:
     def insert_job(self, template: JobTemplate, variables: dict[str, str]) -> int:
         """Commit a new Pending job and return its id (its token). Secret values are kept apart, to be
         dropped when the job is final."""
+        return self._write(lambda db: self._run(db, self._insert_statement(), self._job_row(template, variables))
+                           .fetchone()[0], lambda job_id: [StoreEvent("work", job_id)], single=True)
+
+    def insert_started_job(self, template: JobTemplate, variables: dict[str, str], instance: str
+                           ) -> tuple[int, bool]:
+        """Commit a new job of an unlimited template, already claimed (Executing) for this instance when no job
+        is Pending, else Pending as insert_job does: (its id, whether it was claimed). For an instance with an
+        idle worker, this spares the claim's own statement, a round trip to PostgreSQL, when the queue is
+        empty: the job starts in trigger order all the same."""
+        row = self._job_row(template, variables)[:-1] + (instance, instance)
+        job_id, started = self._write(
+            lambda db: tuple(self._run(db, self._insert_started_statement(), row).fetchone()[:2]),
+            lambda job: [] if job[1] else [StoreEvent("work", job[0])], single=True)
+        return job_id, bool(started)
+
+    @staticmethod
+    def _job_row(template: JobTemplate, variables: dict[str, str]) -> tuple:
         public = {name: None if name in template.secret_names else value for name, value in variables.items()}
         hidden = {name: value for name, value in variables.items() if name in template.secret_names}
-        row = (template.version, template.name, json.dumps(public), json.dumps(hidden) if hidden else None,
-               template.max_concurrent)
-        return self._write(lambda db: self._run(db, self._insert_statement(), row).fetchone()[0],
-                           lambda job_id: [StoreEvent("work", job_id)], single=True)
+        return (template.version, template.name, json.dumps(public), json.dumps(hidden) if hidden else None,
+                template.max_concurrent)
 
     def _insert_statement(self) -> str:
         return self.INSERT_JOB
 
+    def _insert_started_statement(self) -> str:
+        return self.INSERT_STARTED_JOB
+
     INSERT_JOB = ("INSERT INTO jobs (template_version, template, status, variables, secrets, max_concurrent,"
                   " created_at) VALUES (?, ?, 'Pending', ?, ?, ?, {now}) RETURNING id")
+    INSERT_STARTED_JOB = (
+        "INSERT INTO jobs (template_version, template, status, variables, secrets, created_at, owner, started_at)"
+        " SELECT ?, ?, CASE WHEN c.now THEN 'Executing' ELSE 'Pending' END, ?, ?, {now},"
+        " CASE WHEN c.now THEN ? END, CASE WHEN c.now THEN {now} END"
+        " FROM (SELECT NOT EXISTS (SELECT 1 FROM jobs p WHERE p.status = 'Pending')"
+        " AND EXISTS (SELECT 1 FROM instances i WHERE i.id = ? AND i.lease_until > {now}) AS now) c"
+        " RETURNING id, status = 'Executing'")
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._one(
@@ -1369,28 +1406,33 @@ class JobStore:
             return Claim(row[0], row[1], variables, bool(row[4]))
         return None
 
-    def note_process_group(self, job_id: int, instance: str, group: int) -> None:
-        """The process group a job's step runs in, so that an instance on the same host can kill it if this
-        one dies."""
-        self._write(lambda db: self._run(db, "UPDATE jobs SET process_group = ? WHERE " + OWNED,
-                                         (group, job_id, instance)), single=True)
+    def note_process_groups(self, groups: dict[int, tuple[str, int]]) -> None:
+        """The process groups the steps of these jobs run in ({job id: (owning instance, group)}), so that an
+        instance on the same host can kill them if this one dies. One transaction for them all."""
+        def note(db):
+            for job_id, (instance, group) in groups.items():
+                self._run(db, "UPDATE jobs SET process_group = ? WHERE " + OWNED, (group, job_id, instance))
+
+        self._write(note, single=len(groups) == 1)
 
     def append_logs(self, job_id: int, instance: str, first_seq: int, entries: list[tuple[str, str]]) -> bool:
         """Store log entries of a job this instance runs; False (nothing stored) when it no longer owns it."""
         entries = list(entries)  # the caller's buffer goes on growing
+        return self._write(lambda db: self._append(db, job_id, instance, first_seq, entries),
+                           lambda owned: [StoreEvent("job", job_id, Progress(EXECUTING, first_seq + len(entries)))]
+                           if owned else [], single=self.JOB_WRITES_ARE_ONE_STATEMENT)
 
-        def append(db):
-            owned = self._run(db, "SELECT 1 FROM jobs WHERE " + OWNED + self.ROW_LOCK,
-                              (job_id, instance)).fetchone()
-            if owned:
-                self._insert_logs(db, job_id, first_seq, entries)
-            return bool(owned)
+    # Whether _append and _finish are one statement each, committed on its own: then no transaction of a job's
+    # worker stays open while an answer travels, holding the job's row from others (if this instance is paused
+    # just then, from the instance that would end its jobs).
+    JOB_WRITES_ARE_ONE_STATEMENT = False
 
-        return self._write(append, lambda owned: [StoreEvent("job", job_id,
-                                                             Progress(EXECUTING, first_seq + len(entries)))]
-                           if owned else [])
-
-    ROW_LOCK = ""  # what keeps a job's row from changing until the transaction ends, where that must be said
+    def _append(self, db, job_id: int, instance: str, first_seq: int, entries) -> bool:
+        """The entries, if this instance owns the job; whether it does."""
+        owned = self._run(db, "SELECT 1 FROM jobs WHERE " + OWNED, (job_id, instance)).fetchone()
+        if owned:
+            self._insert_logs(db, job_id, first_seq, entries)
+        return bool(owned)
 
     def finish_job(self, job_id: int, instance: str, status: str, first_seq: int,
                    entries: list[tuple[str, str]]) -> bool:
@@ -1406,9 +1448,7 @@ class JobStore:
             return [ended, StoreEvent("work")] if row[0] is not None else [ended]
 
         return self._write(lambda db: self._finish(db, job_id, instance, status, first_seq, entries), events,
-                           single=self.FINISH_IS_ONE_STATEMENT) is not None
-
-    FINISH_IS_ONE_STATEMENT = False
+                           single=self.JOB_WRITES_ARE_ONE_STATEMENT) is not None
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         """The final status and the last entries, if this instance owns the job; (its slot,) or None."""
@@ -1869,12 +1909,11 @@ class PostgresStore(JobStore):
     NOW = "extract(epoch from now())"
     SKIP_LOCKED = "FOR UPDATE OF p SKIP LOCKED"
     LOG_LINE = "level || ': ' || message || chr(10)"
-    ROW_LOCK = " FOR SHARE"
     CHANNEL = "jobserver"
     PRUNE_LOCK = 7_406_193_101  # the advisory lock that lets one instance at a time prune
 
     def __init__(self, url: str, busy_timeout: float = DEFAULTS.busy_timeout,
-                 connections: int = DEFAULTS.db_connections):
+                 connections: int = DEFAULTS.db_connections, lease: float = DEFAULTS.lease):
         super().__init__()
         import psycopg  # only when a PostgreSQL URL is given: SQLite needs nothing installed
         from psycopg_pool import ConnectionPool
@@ -1884,9 +1923,12 @@ class PostgresStore(JobStore):
         self._stopping = threading.Event()
         self._probe_lock, self._probing = threading.Lock(), None
         self.others_alive = True  # until the first renewal says (see RENEW_LEASE_COUNTING)
+        # A transaction left open by an instance that stopped half-way (paused, or cut off) would hold its rows
+        # from the instance that ends its jobs: PostgreSQL ends such a session after a quarter of the lease.
+        self.idle_transaction_ms = max(1000, int(lease * 250))
         self.pool = ConnectionPool(url, min_size=min(2, connections), max_size=connections, open=False,
                                    timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
-                                   check=self._check_if_idle)
+                                   check=self._check_if_idle, configure=self._configure)
         with self._errors():
             self._first_connection()
             self.pool.open(wait=True, timeout=busy_timeout)
@@ -1949,6 +1991,10 @@ class PostgresStore(JobStore):
     def _probe_read(self) -> None:
         with self._errors(), self._lend(timeout=self.QUICK_SECONDS) as db:
             db.execute("SELECT 1 FROM instances LIMIT 1")
+
+    def _configure(self, db) -> None:
+        db.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                   (str(self.idle_transaction_ms),))
 
     def _check_if_idle(self, db) -> None:
         """Before a connection is lent: one that sat idle for a while may have lost its server (a restart), so
@@ -2046,13 +2092,33 @@ class PostgresStore(JobStore):
                    " ON CONFLICT (job_id, seq) DO NOTHING",  # see JobStore._insert_logs
                    (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
 
-    FINISH_IS_ONE_STATEMENT = True
+    JOB_WRITES_ARE_ONE_STATEMENT = True
     # The new job's NOTIFY goes with its INSERT: a trigger is one round trip (see _announce).
     INSERT_JOB = ("WITH job AS (" + JobStore.INSERT_JOB + ")"
                   " SELECT id, pg_notify('jobserver', 'work ' || id || ' - 0 ' || {origin}) FROM job")
 
+    INSERT_STARTED_JOB = ("WITH job AS (" + JobStore.INSERT_STARTED_JOB + " AS started)"
+                          " SELECT id, started, CASE WHEN NOT started THEN"
+                          " pg_notify('jobserver', 'work ' || id || ' - 0 ' || {origin}) END FROM job")
+
     def _insert_statement(self) -> str:
         return self.INSERT_JOB if self.others_alive else JobStore.INSERT_JOB
+
+    def _insert_started_statement(self) -> str:
+        return self.INSERT_STARTED_JOB if self.others_alive else JobStore.INSERT_STARTED_JOB
+
+    def _append(self, db, job_id: int, instance: str, first_seq: int, entries) -> bool:
+        # One statement: the entries go in only if the job is this instance's, its row held (FOR SHARE) so that
+        # no other instance ends it meanwhile.
+        return self._run(db, "WITH owned AS (SELECT 1 FROM jobs WHERE " + OWNED + " FOR SHARE),"
+                             " entry AS (INSERT INTO logs (job_id, seq, level, message)"
+                             " SELECT ?, ?::integer + n - 1, level, message"
+                             " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
+                             " WHERE EXISTS (SELECT 1 FROM owned)"
+                             " ON CONFLICT (job_id, seq) DO NOTHING)"  # see JobStore._insert_logs
+                             " SELECT EXISTS (SELECT 1 FROM owned)",
+                         (job_id, instance, job_id, first_seq, [level for level, _ in entries],
+                          [message for _, message in entries])).fetchone()[0]
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.
@@ -2132,7 +2198,7 @@ class BackgroundCall:
 def open_store(database: str, settings: Settings = DEFAULTS) -> JobStore:
     """The store a --db value names: a postgresql:// URL, or else the path of a SQLite file."""
     if database.startswith(("postgresql:", "postgres:")):
-        return PostgresStore(database, settings.busy_timeout, settings.db_connections)
+        return PostgresStore(database, settings.busy_timeout, settings.db_connections, settings.lease)
     return SQLiteStore(database, settings.busy_timeout)
 
 
@@ -2564,13 +2630,11 @@ class JobExecution:
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful, self.stop_cause)
+        self.runner.group_notes.note(self.job_id, self.owner, process.pid)
         try:
-            try:
-                self.store.note_process_group(self.job_id, self.owner, process.pid)
-            except StoreError:
-                pass  # only a crash of this instance needs it; the log's own retries tell of the store
             return self.supervise(process, step, deadline, why)
         finally:
+            self.runner.group_notes.forget(self.job_id)
             self.process = None  # no more signals from other threads: the pid is about to be reaped
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
             process.wait()
@@ -2780,6 +2844,52 @@ def kill_orphaned_group(group: int, job_id: int) -> None:
         signal_group(group, signal.SIGKILL)
 
 
+class GroupNotes:
+    """The process groups of the steps running now, written to the store by a thread of its own, so that no
+    worker waits for the write: whenever the thread is free, what came meanwhile goes in one transaction, and a
+    step that ended before its turn needs none. Only an instance on this host that ends this one's jobs after
+    it died reads them (JobRunner.end_orphaned_jobs); while the store fails they wait and are tried again."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+        self.waiting: dict[int, tuple[str, int]] = {}  # job id: (owning instance, process group)
+        self.ready = threading.Condition()
+        self.closed = False
+
+    def note(self, job_id: int, owner: str, group: int) -> None:
+        with self.ready:
+            self.waiting[job_id] = (owner, group)
+            self.ready.notify()
+
+    def forget(self, job_id: int) -> None:
+        with self.ready:
+            self.waiting.pop(job_id, None)
+
+    def write(self) -> None:
+        """The thread's loop, until close()."""
+        while True:
+            with self.ready:
+                while not self.waiting and not self.closed:
+                    self.ready.wait()
+                if self.closed:
+                    return
+                batch, self.waiting = self.waiting, {}
+            try:
+                self.store.note_process_groups(batch)
+            except StoreError:
+                with self.ready:
+                    for job_id, note in batch.items():
+                        self.waiting.setdefault(job_id, note)
+                    self.ready.wait(1.0)  # the store's own event tells the operator
+            except Exception:
+                traceback.print_exc()
+
+    def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+
+
 class JobRunner:
     """This instance's worker threads: each claims the oldest claimable job from the store and runs it.
 
@@ -2796,6 +2906,9 @@ class JobRunner:
         self.instance = new_instance_id()
         self.lock = threading.Condition()
         self.hints = 0  # claims worth trying now, at most one per worker
+        self.idle = 0  # workers waiting for work
+        self.handed: deque[tuple[Claim, str]] = deque()  # jobs claimed by a trigger for an idle worker, and owner
+        self.reserved = 0  # triggers counting on an idle worker, their statement under way
         self.running: dict[int, JobExecution] = {}
         self.accepting = True
         self.stopping = threading.Event()  # no more claims; waits answer now
@@ -2805,6 +2918,7 @@ class JobRunner:
         self.lease_renewed = time.monotonic()
         self.lease_lapsing = False  # this instance stopped its jobs because it could not renew its lease
         self.pending_count, self.pending_read_at = 0, float("-inf")
+        self.group_notes = GroupNotes(store)
 
     def start(self) -> None:
         """Register this instance, end what dead instances left Executing,
@@ -2815,6 +2929,7 @@ class JobRunner:
             self._thread(self._work, f"job-worker-{number}")
         self._thread(self._heartbeat, "heartbeat")
         self._thread(self._lease_watchdog, "lease-watchdog")
+        self._thread(self.group_notes.write, "group-notes")
         self.hint(self.settings.workers)
 
     def _thread(self, target, name: str) -> None:
@@ -2844,15 +2959,33 @@ class JobRunner:
     # Triggering.
 
     def submit(self, template: JobTemplate, variables: dict[str, str]) -> int:
-        """Commit a new job (the store's event wakes a worker);
-        its id is returned only once it is committed."""
+        """Commit a new job (the store's event wakes a worker); its id is returned only once it is committed.
+        When a worker is idle that nothing else will take, a job of an unlimited template is committed already
+        claimed, if the queue is empty, and handed to that worker: one statement fewer on its way to run."""
         if not self.accepting:
             raise NotAccepting("The server is shutting down and accepts no new jobs", retry_after=30)
         pending = self.pending_estimate()
         if pending >= self.settings.max_pending:
             raise NotAccepting(f"The queue is full ({pending} pending jobs); try again later", retry_after=5)
-        job_id = self.store.insert_job(template, variables)
-        self.pending_count += 1
+        with self.lock:
+            direct = (template.max_concurrent is None and not self.lease_lapsing and self.accepting
+                      and self.idle > self.hints + len(self.handed) + self.reserved)
+            self.reserved += direct
+        if not direct:
+            job_id = self.store.insert_job(template, variables)
+            self.pending_count += 1
+            return job_id
+        started, owner = False, self.instance
+        try:
+            job_id, started = self.store.insert_started_job(template, variables, owner)
+        finally:
+            with self.lock:
+                self.reserved -= 1
+                if started:
+                    self.handed.append((Claim(job_id, template.version, dict(variables)), owner))
+                self.lock.notify_all()  # the idle workers, and a shutdown waiting for this
+        if not started:
+            self.pending_count += 1
         return job_id
 
     def pending_estimate(self) -> int:
@@ -2864,12 +2997,15 @@ class JobRunner:
     # Workers.
 
     def _work(self) -> None:
-        while not self.stopping.is_set():
+        while True:
             with self.lock:
-                if not self.hints:
-                    self.lock.wait(1.0)  # a hint, or a look of its own now and then
-                self.hints = max(0, self.hints - 1)
-            if self.stopping.is_set() or self.lease_lapsing:
+                handed = self._wait_for_work()
+            if handed is not None:
+                self._run(*handed)
+                continue
+            if self.stopping.is_set():
+                return
+            if self.lease_lapsing:
                 continue
             try:
                 claim = self.store.claim_job(self.instance)
@@ -2884,6 +3020,21 @@ class JobRunner:
                 if claim.more:
                     self.hint()  # another worker looks for the next one
                 self._run(claim, self.instance)
+
+    def _wait_for_work(self) -> tuple[Claim, str] | None:
+        """Under the lock: wait for a job handed over by a trigger (returned), a hint, or a second's quiet
+        (then None: claim from the store). A worker that a trigger counts on (submit) waits for its job."""
+        self.idle += 1
+        try:
+            while not self.handed and not self.hints and not self.stopping.is_set():
+                if not self.lock.wait(1.0) and self.idle > len(self.handed) + self.reserved:
+                    break  # a look of its own now and then
+            if self.handed:
+                return self.handed.popleft()
+            self.hints = max(0, self.hints - 1)
+            return None
+        finally:
+            self.idle -= 1
 
     def _run(self, claim: Claim, owner: str) -> None:
         """Run a claimed job to its end; a job whose template version no longer loads ends in Error."""
@@ -3028,7 +3179,10 @@ class JobRunner:
     def shutdown(self, grace: float) -> None:
         """Stop claiming, answer waits, give running jobs `grace` seconds, then kill them; Pending jobs stay
         Pending, for this instance's next start or for the others."""
-        self.accepting = False
+        with self.lock:  # a job a trigger claims now is handed over, and run, before the workers stop
+            self.accepting = False
+            while self.reserved:
+                self.lock.wait(0.1)
         self.stopping.set()
         self.watch.close()
         with self.lock:
@@ -3041,6 +3195,7 @@ class JobRunner:
             if thread.name.startswith("job-worker"):
                 thread.join(timeout=10)
         self.stopped.set()
+        self.group_notes.close()
         for thread in self.threads:
             thread.join(timeout=10)
         if not self.running:

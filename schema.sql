@@ -35,8 +35,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_template ON jobs (template, id);
 CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
--- A claim's check that a limited job has no older sibling still Pending (they start in trigger order).
-CREATE INDEX IF NOT EXISTS jobs_pending_by_template ON jobs (template, id) WHERE status = 'Pending';
+-- What a claim looks up, each in one index however many jobs are Pending: the oldest unlimited job, and
+-- the oldest Pending job of each limited template (they start in trigger order).
+CREATE INDEX IF NOT EXISTS jobs_pending_unlimited ON jobs (id)
+    WHERE status = 'Pending' AND max_concurrent IS NULL;
+CREATE INDEX IF NOT EXISTS jobs_pending_limited ON jobs (template, id)
+    WHERE status = 'Pending' AND max_concurrent IS NOT NULL;
+DROP INDEX IF EXISTS jobs_pending_by_template;  -- the one index of both, before version 2's last change
 -- max_concurrent, enforced by the database: no two Executing jobs of a template share a slot.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_running_slots ON jobs (template, slot)
     WHERE status = 'Executing' AND slot IS NOT NULL;

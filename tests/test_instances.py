@@ -174,12 +174,16 @@ def heard(url: str, act, seconds: float = 1.5) -> list[str]:
         return [note.payload for note in db.notifies(timeout=seconds)]
 
 
+# Limited, so that each trigger is queued: one handed to an idle worker as it is committed is no news to others.
+QUEUED = dir_template("record", 'echo "$JobToken" >> "$Dir/tokens"', fields="max_concurrent = 10")
+
+
 def test_a_lone_instance_announces_no_work_and_starts_when_another_comes(cluster, tmp_path):
     # --lease 5: renewed every 0.5 s, and with it the count of the other instances alive
-    first, = cluster(RECORD, 1, "--lease", "5")
+    first, = cluster(QUEUED, 1, "--lease", "5")
     wait_for(lambda: not [p for p in heard(cluster.url, lambda: first.trigger("record", Dir=str(tmp_path)), 0.3)
                           if p.startswith("work ")], 10, what="the lone instance to stop announcing work")
-    second, = cluster(RECORD, 1, "--lease", "5")
+    second, = cluster(QUEUED, 1, "--lease", "5")
     wait_for(lambda: [p for p in heard(cluster.url, lambda: first.trigger("record", Dir=str(tmp_path)), 0.3)
                       if p.startswith("work ")], 10, what="the first instance to announce work again")
     token = first.trigger("record", Dir=str(tmp_path))

@@ -612,6 +612,59 @@ def test_max_concurrent(make_app, tmp_path):
     assert logs_of(client, two) == "INFO: got second\n"
 
 
+def test_a_job_triggered_for_an_idle_worker_is_handed_to_it_and_later_ones_queue(make_app, tmp_path):
+    """With a worker idle and the queue empty, a trigger commits its job already claimed and hands it over
+    (one statement fewer); while the only worker is busy, jobs wait Pending for a claim, in trigger order."""
+    client = make_app(LIMITED.replace("max_concurrent = 1\n", ""), WORKERS=1)
+    store = client.app.extensions["jobserver"].store
+    handed = []
+    insert_started_job = store.insert_started_job
+
+    def spy(*args):
+        handed.append(insert_started_job(*args))
+        return handed[-1]
+
+    store.insert_started_job = spy
+    wait_for(lambda: client.app.extensions["jobserver"].runner.idle == 1, what="the worker to wait for work")
+    first = make_fifo(tmp_path, "first")
+    one = trigger(client, "limited", Fifo=str(first))
+    assert handed == [(int(one), True)]
+    wait_for(lambda: status_of(client, one) == "Executing", what="the handed job to run")
+    two, three = trigger(client, "quick"), trigger(client, "quick")
+    assert len(handed) == 1, "the worker is busy: no job is claimed for it"
+    assert status_of(client, two) == status_of(client, three) == "Pending"
+    release(first)
+    assert [final_status(client, token) for token in (one, two, three)] == ["Succeeded"] * 3
+    started = dict(query(client, "SELECT id, started_at FROM jobs"))
+    assert started[int(one)] <= started[int(two)] <= started[int(three)]
+
+
+def test_process_groups_are_written_by_a_thread_of_their_own_and_retried(monkeypatch):
+    """A step that ended before the writer's turn needs no note; a failed write is tried again."""
+    written, failures = [], [server_module.StoreError("down")]
+
+    class Store:
+        def note_process_groups(self, groups):
+            if failures:
+                raise failures.pop()
+            written.append(dict(groups))
+
+    notes = server_module.GroupNotes(Store())
+    notes.note(1, "a", 101)
+    notes.note(2, "a", 102)
+    notes.forget(1)
+    thread = server_module.threading.Thread(target=notes.write, daemon=True)
+    thread.start()
+    wait_for(lambda: written, what="the retried write")
+    assert written == [{2: ("a", 102)}] and not failures
+    notes.note(3, "a", 103)
+    wait_for(lambda: len(written) == 2, what="the next write")
+    assert written[1] == {3: ("a", 103)}
+    notes.close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_a_full_queue_is_503(make_app, tmp_path):
     """--max-pending counts the Pending jobs (here the one that max_concurrent holds back), not Executing ones."""
     client = make_app(LIMITED, MAX_PENDING=1)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -94,6 +95,55 @@ def test_max_concurrent_is_held_by_slots_and_other_templates_go_on(store, instan
     assert store.claim_job(instance).id == third
 
 
+def test_unlimited_and_limited_jobs_start_in_trigger_order_between_them(store, instance):
+    limited, other = template(store, "limited", max_concurrent=1), template(store, "other")
+    ids = [store.insert_job(t, {}) for t in (other, limited, other, limited, other)]
+    claimed = [store.claim_job(instance).id for _ in range(4)]
+    assert claimed == [ids[0], ids[1], ids[2], ids[4]], "the second limited job waits for the first's slot"
+    assert store.finish_job(ids[1], instance, "Succeeded", 0, [])
+    assert store.claim_job(instance).id == ids[3]
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_claim_reads_one_queued_job_however_long_the_queue(store, database, instance):
+    """PostgreSQL's planner, believing few jobs Pending, once read and sorted the whole queue at each claim."""
+    t, limited = template(store), template(store, "limited", max_concurrent=1)
+    for _ in range(300):
+        store.insert_job(t, {})
+        store.insert_job(limited, {})
+    import psycopg
+
+    with psycopg.connect(database) as db:
+        sql = store.sql(server_module.CLAIM_JOB)
+        plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, (instance, instance)).fetchone()[0]
+        db.rollback()
+
+    def scans(node):
+        if "Relation Name" in node and node["Relation Name"] == "jobs" and node.get("Alias") in ("p", "p_1"):
+            yield node
+        for child in node.get("Plans", []):
+            yield from scans(child)
+
+    found = list(scans(plan[0]["Plan"]))
+    assert found, plan
+    assert all(node["Actual Rows"] <= 1 for node in found), [(n["Node Type"], n["Actual Rows"]) for n in found]
+
+
+def test_a_job_triggered_into_an_empty_queue_can_be_committed_claimed(store, database, instance):
+    t = template(store)
+    first, started = store.insert_started_job(t, {"Word": "a"}, instance)
+    assert started and store.events[-1:] != [server_module.StoreEvent("work", first)], "no worker is told"
+    assert query(database, "SELECT status, owner FROM jobs WHERE id = ?", first) == [("Executing", instance)]
+    pending = store.insert_job(t, {})
+    second, started = store.insert_started_job(t, {}, instance)
+    assert not started, "a job already Pending goes first"
+    assert store.events[-1] == server_module.StoreEvent("work", second)
+    assert [store.claim_job(instance).id for _ in range(2)] == [pending, second]
+    query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
+    third, started = store.insert_started_job(t, {}, instance)
+    assert not started and store.job_status(third) == "Pending", "not for an instance whose lease ran out"
+
+
 def test_the_database_refuses_two_executing_jobs_in_one_slot(store, database, instance):
     """max_concurrent is enforced by a unique index, not by a count two instances could read at once."""
     limited = template(store, "limited", max_concurrent=1)
@@ -132,6 +182,31 @@ def test_a_write_sent_again_after_its_answer_was_lost_stores_each_entry_once(sto
     assert store.job_status(job_id) == "Succeeded"
 
 
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_transaction_left_open_by_a_stopped_instance_frees_its_rows_after_a_quarter_of_the_lease(database):
+    """A paused instance whose transaction was open held its job's row, and the instance ending its jobs
+    waited for ever on it."""
+    import psycopg
+
+    store = server_module.open_store(database, server_module.Settings(database=database, lease=4))
+    try:
+        store.register_instance("instance-a", 60)
+        job_id = store.insert_job(template(store), {})
+        held = store.pool.getconn()  # one of the store's own connections, in a transaction left open
+        held.execute("BEGIN")
+        held.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        started = time.monotonic()
+        with psycopg.connect(database, autocommit=True, options="-c lock_timeout=5000") as other:
+            other.execute("UPDATE jobs SET status = 'Error' WHERE id = %s", (job_id,))  # waits for the row
+        waited = time.monotonic() - started
+        held.close()
+        store.pool.putconn(held)
+        assert 0.5 < waited < 3, f"the row was held {waited:.1f} s: a quarter of the lease is 1 s"
+        assert store.job_status(job_id) == "Error", "the pool replaced the ended session"
+    finally:
+        store.close()
+
+
 def test_a_lease_renews_until_it_has_run_out(store, database, instance):
     assert store.renew_lease(instance, 60)
     query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
@@ -143,7 +218,7 @@ def test_the_jobs_of_an_instance_whose_lease_ran_out_are_ended_and_free_their_sl
     running, waiting = store.insert_job(limited, {}), store.insert_job(limited, {})
     store.claim_job(instance)
     store.append_logs(running, instance, 0, [("INFO", "started")])
-    store.note_process_group(running, instance, 4242)
+    store.note_process_groups({running: (instance, 4242)})
     assert store.orphaned_jobs() == []
     query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
     [(job_id, owner, group, _boot)] = store.orphaned_jobs()
