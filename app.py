@@ -1406,14 +1406,24 @@ class JobStore:
             return Claim(row[0], row[1], variables, bool(row[4]))
         return None
 
-    def note_process_groups(self, groups: dict[int, tuple[str, int]]) -> None:
-        """The process groups the steps of these jobs run in ({job id: (owning instance, group)}), so that an
-        instance on the same host can kill them if this one dies. One transaction for them all."""
+    def note_process_groups(self, groups: dict[int, int]) -> None:
+        """The process groups the steps of these jobs run in ({job id: group}), so that an instance on the same
+        host can kill them if this one dies. One transaction for them all, in a table of their own: the job's
+        row is neither locked nor rewritten (a job's end does not wait for its note)."""
         def note(db):
-            for job_id, (instance, group) in groups.items():
-                self._run(db, "UPDATE jobs SET process_group = ? WHERE " + OWNED, (group, job_id, instance))
+            for job_id, group in groups.items():
+                self._run(db, "INSERT INTO process_groups (job_id, process_group) VALUES (?, ?)"
+                              " ON CONFLICT (job_id) DO UPDATE SET process_group = excluded.process_group",
+                          (job_id, group))
 
         self._write(note, single=len(groups) == 1)
+
+    def forget_process_groups(self) -> None:
+        """Delete the notes of jobs no longer Executing (a job's end leaves its note, which may still be on its
+        way)."""
+        self._write(lambda db: self._run(
+            db, "DELETE FROM process_groups WHERE NOT EXISTS (SELECT 1 FROM jobs j"
+                " WHERE j.id = process_groups.job_id AND j.status = 'Executing')"))
 
     def append_logs(self, job_id: int, instance: str, first_seq: int, entries: list[tuple[str, str]]) -> bool:
         """Store log entries of a job this instance runs; False (nothing stored) when it no longer owns it."""
@@ -1452,8 +1462,7 @@ class JobStore:
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         """The final status and the last entries, if this instance owns the job; (its slot,) or None."""
-        row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
-                            " process_group = NULL"
+        row = self._run(db, "UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
                             " WHERE " + OWNED + " RETURNING slot", (status, job_id, instance)).fetchone()
         if row is not None:
             self._insert_logs(db, job_id, first_seq, entries)
@@ -1547,16 +1556,16 @@ class JobStore:
         """(id, owner, process group, owner's boot id) of the Executing jobs
         whose instance's lease ran out."""
         return self._all(
-            "SELECT j.id, j.owner, j.process_group, i.boot_id FROM jobs j"
-            " LEFT JOIN instances i ON i.id = j.owner"
+            "SELECT j.id, j.owner, g.process_group, i.boot_id FROM jobs j"
+            " LEFT JOIN instances i ON i.id = j.owner LEFT JOIN process_groups g ON g.job_id = j.id"
             " WHERE j.status = 'Executing' AND (i.id IS NULL OR i.lease_until <= {now}) ORDER BY j.id")
 
     def end_orphaned_job(self, job_id: int, owner: str | None, message: str) -> tuple[str, float] | None:
         """End in Error a job whose instance stopped, with an entry saying so; (its template, how long it ran)
         or None when it was already final (or claimed by its owner's successor)."""
         def end(db):
-            ended = self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL,"
-                                  " process_group = NULL WHERE id = ? AND status = 'Executing'"
+            ended = self._run(db, "UPDATE jobs SET status = 'Error', finished_at = {now}, secrets = NULL"
+                                  " WHERE id = ? AND status = 'Executing'"
                                   " AND coalesce(owner, '') = coalesce(?, '')"
                                   " RETURNING template, {now} - coalesce(started_at, created_at)",
                               (job_id, owner)).fetchone()
@@ -1962,6 +1971,10 @@ class PostgresStore(JobStore):
                                                       application_name="jobserver-lease") as db:
                 return self._renew(db, instance, lease)
 
+    def register_instance(self, instance: str, lease: float) -> None:
+        super().register_instance(instance, lease)
+        self.renew_lease(instance, lease)  # learns now, not at the first renewal, whether others are alive
+
     # A lone instance does not announce work: NOTIFY takes a lock at every commit and wakes this instance's own
     # listener, for nobody. A new instance is announced to within a renewal (lease/10), and looks for work
     # every second meanwhile.
@@ -2122,8 +2135,8 @@ class PostgresStore(JobStore):
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.
-        return self._run(db, "WITH done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL,"
-                             " process_group = NULL WHERE " + OWNED + " RETURNING slot),"
+        return self._run(db, "WITH done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
+                             " WHERE " + OWNED + " RETURNING slot),"
                              " entry AS (INSERT INTO logs (job_id, seq, level, message)"
                              " SELECT ?, ?::integer + n - 1, level, message"
                              " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
@@ -2630,7 +2643,7 @@ class JobExecution:
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful, self.stop_cause)
-        self.runner.group_notes.note(self.job_id, self.owner, process.pid)
+        self.runner.group_notes.note(self.job_id, process.pid)
         try:
             return self.supervise(process, step, deadline, why)
         finally:
@@ -2852,13 +2865,13 @@ class GroupNotes:
 
     def __init__(self, store: JobStore):
         self.store = store
-        self.waiting: dict[int, tuple[str, int]] = {}  # job id: (owning instance, process group)
+        self.waiting: dict[int, int] = {}  # job id: process group
         self.ready = threading.Condition()
         self.closed = False
 
-    def note(self, job_id: int, owner: str, group: int) -> None:
+    def note(self, job_id: int, group: int) -> None:
         with self.ready:
-            self.waiting[job_id] = (owner, group)
+            self.waiting[job_id] = group
             self.ready.notify()
 
     def forget(self, job_id: int) -> None:
@@ -3152,6 +3165,7 @@ class JobRunner:
             if ended := self.store.end_orphaned_job(job_id, owner, message):
                 self.ended_elsewhere(job_id, *ended, reason="its instance stopped", instance=owner)
         self.store.forget_instances(older_than=86400)
+        self.store.forget_process_groups()
 
     def end_lost_claims(self) -> None:
         """End in Error the jobs this instance claimed but does not run: a claim committed while its answer

@@ -58,7 +58,8 @@ def test_kill_9_mid_stream_loses_no_accepted_job(start_server, tmp_path, leftove
     for thread in threads:
         thread.start()
     wait_for(lambda: sum(map(len, received)) >= 80, 20, what="80 tokens")
-    executing = dict(query(server, "SELECT id, process_group FROM jobs WHERE status = 'Executing'"))
+    executing = dict(query(server, "SELECT j.id, g.process_group FROM jobs j"
+                                   " LEFT JOIN process_groups g ON g.job_id = j.id WHERE j.status = 'Executing'"))
     server.kill()
     for thread in threads:
         thread.join(15)

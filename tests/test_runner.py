@@ -650,16 +650,16 @@ def test_process_groups_are_written_by_a_thread_of_their_own_and_retried(monkeyp
             written.append(dict(groups))
 
     notes = server_module.GroupNotes(Store())
-    notes.note(1, "a", 101)
-    notes.note(2, "a", 102)
+    notes.note(1, 101)
+    notes.note(2, 102)
     notes.forget(1)
     thread = server_module.threading.Thread(target=notes.write, daemon=True)
     thread.start()
     wait_for(lambda: written, what="the retried write")
-    assert written == [{2: ("a", 102)}] and not failures
-    notes.note(3, "a", 103)
+    assert written == [{2: 102}] and not failures
+    notes.note(3, 103)
     wait_for(lambda: len(written) == 2, what="the next write")
-    assert written[1] == {3: ("a", 103)}
+    assert written[1] == {3: 103}
     notes.close()
     thread.join(5)
     assert not thread.is_alive()

@@ -94,13 +94,13 @@ def small_disk(tmp_path, request):
 
 
 def fill(path):
-    """Write zeros to path until the file system is full."""
-    with open(path, "wb") as file:
+    """Write zeros to path until the file system is full. Unbuffered: the part of the last write that did not fit
+    must not wait in a buffer, whose flush at close would fail again."""
+    with open(path, "wb", buffering=0) as file:
         chunk = b"\0" * 65536
         try:
             for _ in range(10_000):  # bounded: 640 MiB, far more than the 4 MiB disk
                 file.write(chunk)
-                file.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
             return
