@@ -1095,21 +1095,35 @@ NEXT_FREE_SLOT = """(SELECT min(c.n) FROM (
 # instance, which SKIP LOCKED would pass over) is not a candidate.
 #
 # The candidate is the older of two: the oldest unlimited job, read off a partial index that holds exactly
-# those (so it stays one index lookup however long the queue), and the oldest limited job that may start. In
-# one filtered scan PostgreSQL's planner, which believes few jobs are Pending (true whenever its statistics
-# were taken), read every Pending job and sorted them at each claim: 0.6 ms a claim with 1,000 in the queue.
+# those (so it stays one index lookup however long the queue), and the oldest limited job that may start: only
+# the oldest Pending job of each limited template can, found in a skip scan of their partial index, one lookup
+# per template. In one filtered scan PostgreSQL's planner, which believes few jobs are Pending (true whenever
+# its statistics were taken), read every Pending job and sorted them at each claim: 0.6 ms a claim with 1,000
+# in the queue.
 CLAIM_JOB = f"""
-WITH candidate AS MATERIALIZED (
+WITH RECURSIVE limited_template (name) AS (
+    SELECT min(template) FROM jobs WHERE status = 'Pending' AND max_concurrent IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(o.template) FROM jobs o
+            WHERE o.status = 'Pending' AND o.max_concurrent IS NOT NULL AND o.template > t.name)
+    FROM limited_template t WHERE t.name IS NOT NULL
+),
+head AS MATERIALIZED (
+    SELECT (SELECT min(o.id) FROM jobs o
+            WHERE o.status = 'Pending' AND o.max_concurrent IS NOT NULL AND o.template = t.name) AS id
+    FROM limited_template t WHERE t.name IS NOT NULL
+),
+candidate AS MATERIALIZED (
     SELECT id FROM (
         SELECT p.id FROM jobs p WHERE p.status = 'Pending' AND p.max_concurrent IS NULL
         ORDER BY p.id LIMIT 1 {{skip_locked}}) AS unlimited
     UNION ALL
     SELECT id FROM (
         SELECT p.id FROM jobs p
-        WHERE p.status = 'Pending' AND p.max_concurrent IS NOT NULL
+        -- status || '': checked again on the row as locked, but no index on status to tempt the planner
+        -- into reading every Pending job rather than the heads
+        WHERE p.id IN (SELECT id FROM head) AND p.status || '' = 'Pending'
           AND {NEXT_FREE_SLOT.format(row='p')} < p.max_concurrent
-          AND p.id = (SELECT min(o.id) FROM jobs o WHERE o.status = 'Pending' AND o.max_concurrent IS NOT NULL
-                      AND o.template = p.template)
         ORDER BY p.id LIMIT 1 {{skip_locked}}) AS limited
     ORDER BY id LIMIT 1
 )
@@ -1231,8 +1245,7 @@ class JobStore:
         return db.execute(self.sql(statement), parameters)
 
     def _changed(self, db, statement: str, parameters=()) -> bool:
-        """Whether an UPDATE changed a row (read back with RETURNING, which a pipeline answers; rowcount it
-        does not)."""
+        """Whether an UPDATE changed a row (read back with RETURNING, alike on both databases)."""
         return self._run(db, statement + " RETURNING 1", parameters).fetchone() is not None
 
     def _one(self, statement: str, parameters=()):
@@ -1410,13 +1423,11 @@ class JobStore:
         """The process groups the steps of these jobs run in ({job id: group}), so that an instance on the same
         host can kill them if this one dies. One transaction for them all, in a table of their own: the job's
         row is neither locked nor rewritten (a job's end does not wait for its note)."""
-        def note(db):
-            for job_id, group in groups.items():
-                self._run(db, "INSERT INTO process_groups (job_id, process_group) VALUES (?, ?)"
-                              " ON CONFLICT (job_id) DO UPDATE SET process_group = excluded.process_group",
-                          (job_id, group))
-
-        self._write(note, single=len(groups) == 1)
+        rows = ", ".join(["(?, ?)"] * len(groups))
+        self._write(lambda db: self._run(
+            db, f"INSERT INTO process_groups (job_id, process_group) VALUES {rows}"
+                " ON CONFLICT (job_id) DO UPDATE SET process_group = excluded.process_group",
+            [value for job_id, group in groups.items() for value in (job_id, group)]), single=True)
 
     def forget_process_groups(self) -> None:
         """Delete the notes of jobs no longer Executing (a job's end leaves its note, which may still be on its
@@ -1556,7 +1567,7 @@ class JobStore:
         """(id, owner, process group, owner's boot id) of the Executing jobs
         whose instance's lease ran out."""
         return self._all(
-            "SELECT j.id, j.owner, g.process_group, i.boot_id FROM jobs j"
+            "SELECT j.id, j.owner, coalesce(g.process_group, j.process_group), i.boot_id FROM jobs j"
             " LEFT JOIN instances i ON i.id = j.owner LEFT JOIN process_groups g ON g.job_id = j.id"
             " WHERE j.status = 'Executing' AND (i.id IS NULL OR i.lease_until <= {now}) ORDER BY j.id")
 
@@ -2060,9 +2071,10 @@ class PostgresStore(JobStore):
 
     @contextlib.contextmanager
     def _transaction(self):
-        # In pipeline mode BEGIN, the statements and COMMIT go out together: one round trip for what is sent
-        # before a result is read, one for the rest, where each statement was a round trip of its own.
-        with self._errors(), self._lend() as db, db.pipeline(), db.transaction():
+        # Not in pipeline mode, which would spare round trips: there a read sends no Sync, so PostgreSQL does not
+        # count the session idle in its transaction, and an instance paused in one would hold its rows for as
+        # long as it is paused (see idle_transaction_ms). What runs often is one statement (see _commit).
+        with self._errors(), self._lend() as db, db.transaction():
             yield db
 
     def _commit(self, operation: Callable, events, single: bool) -> tuple:
@@ -2097,7 +2109,7 @@ class PostgresStore(JobStore):
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
         if not entries:
             return
-        # One statement for the whole batch, its columns as arrays (COPY cannot run in pipeline mode).
+        # One statement for the whole batch, its columns as arrays.
         db.execute("INSERT INTO logs (job_id, seq, level, message)"
                    " SELECT %s, first_seq + n - 1, level, message"
                    " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
@@ -2967,7 +2979,7 @@ class JobRunner:
     def hint(self, count: int = 1) -> None:
         with self.lock:
             self.hints = min(self.hints + count, self.settings.workers)
-            self.lock.notify(count)
+            self.lock.notify_all()  # a worker a trigger counts on leaves the hint to the others
 
     # Triggering.
 
@@ -3014,7 +3026,7 @@ class JobRunner:
             with self.lock:
                 handed = self._wait_for_work()
             if handed is not None:
-                self._run(*handed)
+                self._run_handed(*handed)
                 continue
             if self.stopping.is_set():
                 return
@@ -3039,15 +3051,25 @@ class JobRunner:
         (then None: claim from the store). A worker that a trigger counts on (submit) waits for its job."""
         self.idle += 1
         try:
-            while not self.handed and not self.hints and not self.stopping.is_set():
-                if not self.lock.wait(1.0) and self.idle > len(self.handed) + self.reserved:
-                    break  # a look of its own now and then
+            # An idle worker beyond those that triggers count on may take a hint, or look on its own now and then.
+            while not self.handed and not self.stopping.is_set():
+                if self.hints and self.idle > self.reserved:
+                    break
+                if not self.lock.wait(1.0) and self.idle > self.reserved:
+                    break
             if self.handed:
                 return self.handed.popleft()
             self.hints = max(0, self.hints - 1)
             return None
         finally:
             self.idle -= 1
+
+    def _run_handed(self, claim: Claim, owner: str) -> None:
+        """Run a job a trigger claimed, unless this instance lost that identity or is stopping its jobs for its
+        lease meanwhile: then the job is left Executing under its claim, and ended in Error like any claim
+        that never started (end_lost_claims, or another instance's sweep)."""
+        if owner == self.instance and not self.lease_lapsing:
+            self._run(claim, owner)
 
     def _run(self, claim: Claim, owner: str) -> None:
         """Run a claimed job to its end; a job whose template version no longer loads ends in Error."""

@@ -639,6 +639,39 @@ def test_a_job_triggered_for_an_idle_worker_is_handed_to_it_and_later_ones_queue
     assert started[int(one)] <= started[int(two)] <= started[int(three)]
 
 
+def test_a_worker_that_a_trigger_counts_on_leaves_hints_to_the_others(make_app):
+    """While a trigger's statement is under way, the idle worker it will hand its job to must not go and claim
+    another job on a hint (another trigger's event): the handed job would wait behind it, Executing."""
+    client = make_app(LIMITED.replace("max_concurrent = 1\n", ""), WORKERS=1)
+    site = client.app.extensions["jobserver"]
+    runner, store = site.runner, site.store
+    wait_for(lambda: runner.idle == 1, what="the worker to wait for work")
+    inside, go, claimed = server_module.threading.Event(), server_module.threading.Event(), \
+        server_module.threading.Event()
+    insert_started_job, claim_job = store.insert_started_job, store.claim_job
+
+    def slow_insert(*args):
+        inside.set()
+        go.wait(10)
+        return insert_started_job(*args)
+
+    def spied_claim(instance):
+        claimed.set()
+        return claim_job(instance)
+
+    store.insert_started_job, store.claim_job = slow_insert, spied_claim
+    submitted = []
+    submitting = server_module.threading.Thread(
+        target=lambda: submitted.append(runner.submit(site.catalog.get("quick"), {})))
+    submitting.start()
+    assert inside.wait(5)
+    runner.hint()  # as another trigger's event would
+    assert not claimed.wait(1.0), "the worker counted on went to claim another job"
+    go.set()
+    submitting.join(10)
+    assert final_status(client, str(submitted[0])) == "Succeeded"
+
+
 def test_process_groups_are_written_by_a_thread_of_their_own_and_retried(monkeypatch):
     """A step that ended before the writer's turn needs no note; a failed write is tried again."""
     written, failures = [], [server_module.StoreError("down")]

@@ -106,11 +106,12 @@ def test_unlimited_and_limited_jobs_start_in_trigger_order_between_them(store, i
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_claim_reads_one_queued_job_however_long_the_queue(store, database, instance):
-    """PostgreSQL's planner, believing few jobs Pending, once read and sorted the whole queue at each claim."""
+    """PostgreSQL's planner, believing few jobs Pending, once read and sorted the whole queue at each claim, and
+    read the whole backlog of a full limited template."""
     t, limited = template(store), template(store, "limited", max_concurrent=1)
-    for _ in range(300):
-        store.insert_job(t, {})
-        store.insert_job(limited, {})
+    ids = [store.insert_job(each, {}) for _ in range(300) for each in (t, limited)]
+    assert [store.claim_job(instance).id for _ in range(2)] == ids[:2]
+    # the limited template is full now, 299 of its jobs held back behind the running one
     import psycopg
 
     with psycopg.connect(database) as db:
@@ -126,7 +127,8 @@ def test_a_claim_reads_one_queued_job_however_long_the_queue(store, database, in
 
     found = list(scans(plan[0]["Plan"]))
     assert found, plan
-    assert all(node["Actual Rows"] <= 1 for node in found), [(n["Node Type"], n["Actual Rows"]) for n in found]
+    assert all(node["Actual Rows"] <= 1 and node.get("Rows Removed by Filter", 0) <= 1 for node in found), [
+        (n["Node Type"], n["Actual Rows"], n.get("Rows Removed by Filter")) for n in found]
 
 
 def test_a_job_triggered_into_an_empty_queue_can_be_committed_claimed(store, database, instance):
@@ -185,24 +187,42 @@ def test_a_write_sent_again_after_its_answer_was_lost_stores_each_entry_once(sto
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_transaction_left_open_by_a_stopped_instance_frees_its_rows_after_a_quarter_of_the_lease(database):
     """A paused instance whose transaction was open held its job's row, and the instance ending its jobs
-    waited for ever on it."""
+    waited for ever on it. Here a cancel stops between its UPDATE of the job and its COMMIT."""
     import psycopg
 
     store = server_module.open_store(database, server_module.Settings(database=database, lease=4))
     try:
         store.register_instance("instance-a", 60)
         job_id = store.insert_job(template(store), {})
-        held = store.pool.getconn()  # one of the store's own connections, in a transaction left open
-        held.execute("BEGIN")
-        held.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        store.claim_job("instance-a")
+        store.others_alive = True  # so that the cancel announces itself, inside its transaction
+        announce, paused = store._announce, threading.Event()
+
+        def pause_then_announce(db, events):
+            paused.set()
+            time.sleep(3)
+            announce(db, events)
+
+        store._announce = pause_then_announce
+        outcome = []
+
+        def cancel():
+            try:
+                outcome.append(store.cancel_job(job_id))
+            except server_module.StoreError as error:
+                outcome.append(error)
+
+        canceling = threading.Thread(target=cancel)
+        canceling.start()
+        assert paused.wait(5)
         started = time.monotonic()
         with psycopg.connect(database, autocommit=True, options="-c lock_timeout=5000") as other:
             other.execute("UPDATE jobs SET status = 'Error' WHERE id = %s", (job_id,))  # waits for the row
         waited = time.monotonic() - started
-        held.close()
-        store.pool.putconn(held)
-        assert 0.5 < waited < 3, f"the row was held {waited:.1f} s: a quarter of the lease is 1 s"
-        assert store.job_status(job_id) == "Error", "the pool replaced the ended session"
+        canceling.join(10)
+        assert waited < 2, f"the row was held {waited:.1f} s: a quarter of the lease is 1 s"
+        assert isinstance(outcome[0], server_module.StoreError), "the cancel failed, committing nothing"
+        assert store.cancel_requests("instance-a") == [] and store.job_status(job_id) == "Error"
     finally:
         store.close()
 
