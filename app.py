@@ -2875,6 +2875,8 @@ class GroupNotes:
     step that ended before its turn needs none. Only an instance on this host that ends this one's jobs after
     it died reads them (JobRunner.end_orphaned_jobs); while the store fails they wait and are tried again."""
 
+    RETRY_SECONDS = 1.0  # after a failed write
+
     def __init__(self, store: JobStore):
         self.store = store
         self.waiting: dict[int, int] = {}  # job id: process group
@@ -2905,7 +2907,7 @@ class GroupNotes:
                 with self.ready:
                     for job_id, note in batch.items():
                         self.waiting.setdefault(job_id, note)
-                    self.ready.wait(1.0)  # the store's own event tells the operator
+                    self.ready.wait(self.RETRY_SECONDS)  # the store's own event tells the operator
             except Exception:
                 traceback.print_exc()
 
