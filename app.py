@@ -1421,7 +1421,7 @@ class JobStore:
 
     def note_process_groups(self, groups: dict[int, int]) -> None:
         """The process groups the steps of these jobs run in ({job id: group}), so that an instance on the same
-        host can kill them if this one dies. One transaction for them all, in a table of their own: the job's
+        host can kill them if this one dies. One statement for them all, into a table of their own: the job's
         row is neither locked nor rewritten (a job's end does not wait for its note)."""
         rows = ", ".join(["(?, ?)"] * len(groups))
         self._write(lambda db: self._run(
@@ -2871,7 +2871,7 @@ def kill_orphaned_group(group: int, job_id: int) -> None:
 
 class GroupNotes:
     """The process groups of the steps running now, written to the store by a thread of its own, so that no
-    worker waits for the write: whenever the thread is free, what came meanwhile goes in one transaction, and a
+    worker waits for the write: whenever the thread is free, what came meanwhile goes in one statement, and a
     step that ended before its turn needs none. Only an instance on this host that ends this one's jobs after
     it died reads them (JobRunner.end_orphaned_jobs); while the store fails they wait and are tried again."""
 
