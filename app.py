@@ -2132,31 +2132,32 @@ class PostgresStore(JobStore):
     def _insert_started_statement(self) -> str:
         return self.INSERT_STARTED_JOB if self.others_alive else JobStore.INSERT_STARTED_JOB
 
+    # A write's entries, as arrays, stored only if the statement's CTE {guard} has a row (see JobStore._insert_logs
+    # for ON CONFLICT); its parameters come from _entry_values.
+    GUARDED_ENTRIES = ("INSERT INTO logs (job_id, seq, level, message)"
+                       " SELECT ?, ?::integer + n - 1, level, message"
+                       " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
+                       " WHERE EXISTS (SELECT 1 FROM {guard}) ON CONFLICT (job_id, seq) DO NOTHING")
+
+    @staticmethod
+    def _entry_values(job_id: int, first_seq: int, entries) -> tuple:
+        return job_id, first_seq, [level for level, _ in entries], [message for _, message in entries]
+
     def _append(self, db, job_id: int, instance: str, first_seq: int, entries) -> bool:
         # One statement: the entries go in only if the job is this instance's, its row held (FOR SHARE) so that
         # no other instance ends it meanwhile.
         return self._run(db, "WITH owned AS (SELECT 1 FROM jobs WHERE " + OWNED + " FOR SHARE),"
-                             " entry AS (INSERT INTO logs (job_id, seq, level, message)"
-                             " SELECT ?, ?::integer + n - 1, level, message"
-                             " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
-                             " WHERE EXISTS (SELECT 1 FROM owned)"
-                             " ON CONFLICT (job_id, seq) DO NOTHING)"  # see JobStore._insert_logs
+                             " entry AS (" + self.GUARDED_ENTRIES.format(guard="owned") + ")"
                              " SELECT EXISTS (SELECT 1 FROM owned)",
-                         (job_id, instance, job_id, first_seq, [level for level, _ in entries],
-                          [message for _, message in entries])).fetchone()[0]
+                         (job_id, instance, *self._entry_values(job_id, first_seq, entries))).fetchone()[0]
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.
         return self._run(db, "WITH done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
                              " WHERE " + OWNED + " RETURNING slot),"
-                             " entry AS (INSERT INTO logs (job_id, seq, level, message)"
-                             " SELECT ?, ?::integer + n - 1, level, message"
-                             " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
-                             " WHERE EXISTS (SELECT 1 FROM done)"
-                             " ON CONFLICT (job_id, seq) DO NOTHING)"
+                             " entry AS (" + self.GUARDED_ENTRIES.format(guard="done") + ")"
                              " SELECT slot FROM done",
-                         (status, job_id, instance, job_id, first_seq, [level for level, _ in entries],
-                          [message for _, message in entries])).fetchone()
+                         (status, job_id, instance, *self._entry_values(job_id, first_seq, entries))).fetchone()
 
     def _prune_turn(self, db) -> bool:
         return db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]
