@@ -842,6 +842,7 @@ def test_a_form_posted_from_another_origin_creates_no_job(driver, site):
         site.api("/api/jobs/cancel", token=victim)
 
 
+@pytest.mark.alone
 def test_live_updates_back_off_pause_while_hidden_and_stop_when_final(driver, site):
     """The script's timers, recorded (and shortened twenty-fold, so the test takes a moment): each poll is a
     short request; while nothing changes the delay grows; a hidden tab polls not at all; a final job not
@@ -908,6 +909,7 @@ def restore_window(d):
                                                   "bounds": {"windowState": "normal"}})
 
 
+@pytest.mark.alone
 def test_fifty_open_tabs_on_a_running_job_do_not_slow_triggers(site):
     """Fifty pollers at the script's quickest steady pace (a request each 500 ms) on a running job, while
     triggers are timed: the updates are short requests, so no HTTP thread is held between them."""

@@ -1246,6 +1246,7 @@ def rss_kib(pid) -> int:
 FOLLOWERS = 200
 
 
+@pytest.mark.alone
 def test_200_followers_never_stall_a_trigger_and_all_see_the_end(server_a, tmp_path):
     raise_fd_limit(2 * FOLLOWERS + 256)
     first, second = make_fifo(tmp_path, "first"), make_fifo(tmp_path, "second")
@@ -1296,6 +1297,7 @@ def test_200_followers_never_stall_a_trigger_and_all_see_the_end(server_a, tmp_p
     assert max(end_delays) < 1.0, f"a follower waited {max(end_delays):.2f} s for the job's end"
 
 
+@pytest.mark.alone
 def test_500_stalled_half_requests_do_not_crowd_out_a_trigger(server_a):
     raise_fd_limit(1500)
     port = server_a.port
@@ -1414,6 +1416,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_closed_after_three_idle_timeouts
         assert closed is not None and 2.5 <= closed <= 7, f"closed after {closed} s"
 
 
+@pytest.mark.alone
 def test_waits_beyond_max_followers_are_answered_at_once(server_c, tmp_path):
     """The waits held at once are bounded (--max-followers 3): one more is answered at once, with what there
     is, and the held ones still see the end."""
@@ -1460,6 +1463,7 @@ def follow_to_the_end(server, count, directory):
     return sorted(answers[-1][0] - ended for answers in followers.answers.values()), baseline, during
 
 
+@pytest.mark.alone
 def test_1000_followers_are_each_answered_within_a_second_of_the_end(server_a, tmp_path):
     """"Up to at least 1,000 open connections": the other requests stay as fast, and "each waiting client is
     answered within 1 s of the event it waits for" (here the job's end), with 1,000 on status&wait. Timing

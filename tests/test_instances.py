@@ -90,6 +90,7 @@ LONG = (dir_template("long", 'echo $$ > "$Dir/$JobToken.pid"; echo "$JobToken" >
         + QUICK)
 
 
+@pytest.mark.alone
 def test_kill_9_of_an_instance_ends_its_jobs_and_kills_their_processes(cluster, tmp_path, leftovers):
     servers = cluster(LONG, 3, "--lease", "2", "--workers", "3")
     tokens = [servers[n % 3].trigger("long", Dir=str(tmp_path)) for n in range(6)]
@@ -190,6 +191,7 @@ def test_a_lone_instance_announces_no_work_and_starts_when_another_comes(cluster
     assert second.final_status(token) == "Succeeded"
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("listeners", ["listening", "listeners-killed"])
 def test_cancel_and_wait_reach_the_instance_running_the_job(cluster, tmp_path, leftovers, listeners):
     servers = cluster(LONG, 2, "--workers", "1", "--cancel-grace", "1")
@@ -301,6 +303,7 @@ CHATTY = dir_template("chatty", 'i=0; while [ ! -e "$Dir/go" ]; do echo "line $i
                                 ' echo "lines: $i"')
 
 
+@pytest.mark.alone
 def test_a_running_job_goes_on_through_a_postgresql_outage_shorter_than_the_lease(cluster, postgres, tmp_path):
     # --lease 16: renewed every 1.6 s, jobs stopped 12 s after the last renewal. An outage of 7 s is shorter,
     # however the pool's reconnect back-off (1, 2, 4, 8 s...) falls: the lease is renewed within a second of
@@ -342,6 +345,7 @@ def postgresql_processes(postmaster: int) -> list[int]:
     return [postmaster, *children]
 
 
+@pytest.mark.alone
 def test_the_health_check_answers_within_seconds_while_postgresql_hangs(cluster, postgres):
     # A server that hangs (stopped, or cut off without a reset) rather than refuses: the check must not hang
     # with it, however many times a load balancer asks.

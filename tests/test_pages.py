@@ -451,6 +451,7 @@ def test_job_page_shows_the_job(site):
     assert site.client.get(raw).text == "INFO: hello Ann in green with ***\nWARN: careful, Ann\n"
 
 
+@pytest.mark.alone
 def test_running_job_page_offers_cancel_and_is_live(site):
     token = site.trigger("wait", Label="live")
     site.wait_log(token, "started live")
@@ -558,6 +559,7 @@ def test_run_again_keeps_added_variables(site):
     assert ("Extra", "two") in rows, f"Run again ({href}) lost the added variable: rows {rows}"
 
 
+@pytest.mark.alone
 def test_long_log_sends_only_its_end(site):
     """A million entries: the page carries the last 200, earlier ones come on demand, 500 at a time."""
     token = site.trigger("quick")

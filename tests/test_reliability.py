@@ -174,6 +174,7 @@ def expected_load(template, token, number):
     return "Succeeded", f"INFO: quick {token}\n"
 
 
+@pytest.mark.alone
 def test_load_64_keep_alive_clients(start_server):
     server = start_server(LOAD_TEMPLATES, "--max-followers", "64")  # every client may be in a status&wait at once
     deadline = time.monotonic() + LOAD_SECONDS

@@ -351,6 +351,7 @@ def test_cancel_finished_job_leaves_it(start_server):
 #
 
 
+@pytest.mark.alone
 def test_status_wait_runs_out_executing_and_answers_when_the_job_ends(start_server, tmp_path):
     server = start_server(CONTROL_TEMPLATES)
     token = server.trigger("gate", Dir=str(tmp_path))

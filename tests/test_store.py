@@ -184,6 +184,7 @@ def test_a_write_sent_again_after_its_answer_was_lost_stores_each_entry_once(sto
     assert store.job_status(job_id) == "Succeeded"
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_transaction_left_open_by_a_stopped_instance_frees_its_rows_after_a_quarter_of_the_lease(database):
     """A paused instance whose transaction was open held its job's row, and the instance ending its jobs
