@@ -4493,7 +4493,7 @@ def serve(app: Flask, listener: socket.socket, settings: Settings):
 
     # Every thread waiting for CPython's interpreter lock wakes at each switch interval (5 ms by default) to
     # ask for it. A job's end releases its followers' threads at once, and with a thousand of them those
-    # wake-ups took most of the time: a thousand followers' answers took 0.6 s to 14 s, against 0.3-0.4 s with
+    # wake-ups took most of the time: a thousand followers' answers took 0.6 s to 14 s, against 0.3-0.65 s with
     # 50 ms. The requests between are short or wait on I/O, which gives the lock up at once.
     sys.setswitchinterval(0.05)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N": load, not a fault

@@ -910,9 +910,11 @@ def test_main_passes_the_new_options_and_the_machine_names(monkeypatch, tmp_path
 
 def test_waitress_is_sized_for_followers_and_silent_connections():
     """serve() gives waitress a thread per follower beyond the ordinary ones, the connection limit, poll()
-    (select() stops at 1,024 descriptors) and the idle timeout."""
+    (select() stops at 1,024 descriptors) and the idle timeout, and lengthens the interpreter's switch interval
+    (the followers' threads, released together, would otherwise spend their time asking for the lock)."""
     settings = server_module.Settings(http_threads=3, max_followers=7, max_connections=123, idle_timeout=2.0)
     listener = server_module.listen("127.0.0.1", 0)
+    interval = sys.getswitchinterval()
     server = server_module.serve(object(), listener, settings)
     try:
         adj = server.adj
@@ -920,9 +922,11 @@ def test_waitress_is_sized_for_followers_and_silent_connections():
         assert adj.connection_limit >= settings.max_connections
         assert adj.channel_timeout <= settings.idle_timeout
         assert adj.asyncore_use_poll
+        assert sys.getswitchinterval() == pytest.approx(0.05)
     finally:
         server.task_dispatcher.shutdown(timeout=5)
         server.close()
+        sys.setswitchinterval(interval)  # this process's tests keep CPython's default
     assert server_module.DEFAULTS.max_followers >= 1000
     assert server_module.DEFAULTS.max_connections >= (server_module.DEFAULTS.max_followers
                                                       + server_module.DEFAULTS.http_threads)
