@@ -51,27 +51,27 @@ def pytest_configure(config):
     # pytest-benchmark, where some other project installed it, warns at start that xdist (pytest.ini) disables it.
     config.addinivalue_line("filterwarnings", "ignore:Benchmarks are automatically disabled")
     config.addinivalue_line("markers", "alone: runs while no other test runs (it bounds how long something takes,"
-                                       " or it loads the machine); see one_alone_test_at_a_time")
+                                       " or it loads the machine); see pytest_runtest_protocol")
 
 
-@pytest.fixture(autouse=True)
-def one_alone_test_at_a_time(request, tmp_path_factory):
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
     """The suite runs in two processes (pytest-xdist, see pytest.ini); a test marked `alone` runs while the
-    other process runs no test, so that its time bounds measure the server rather than a neighbour. Every
-    test passes a turnstile (an exclusive file lock, held only to pass it, or for the whole test when alone)
-    and then holds a shared lock, or an exclusive one when alone: a test waiting to run alone holds the
-    turnstile, so that no new test starts meanwhile."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
-    alone = request.node.get_closest_marker("alone") is not None
-    shared = tmp_path_factory.getbasetemp().parent  # each process's basetemp is a folder of the run's
+    other process runs nothing of a test, not even the set-up or tear-down of a module's fixtures (servers,
+    Chromium), so that its time bounds measure the server rather than a neighbour. Around each test's set-up,
+    call and tear-down, a process passes a turnstile (an exclusive file lock, held only to pass it, or for
+    the whole test when alone) and then holds a shared lock, or an exclusive one when alone: a test waiting to
+    run alone holds the turnstile, so that no new test starts meanwhile."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process (-n 0)
+        return (yield)
+    alone = item.get_closest_marker("alone") is not None
+    shared = Path(item.config.option.basetemp).parent  # xdist gives each process a folder of the run's own
     with open(shared / "turnstile.lock", "a") as turnstile, open(shared / "tests.lock", "a") as tests:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(tests, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if not alone:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield  # closing the files releases the locks
+        return (yield)  # closing the files releases the locks
 
 
 def wait_for(condition, timeout=10.0, interval=0.01, what="a condition"):

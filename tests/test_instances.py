@@ -7,7 +7,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -239,15 +238,11 @@ def test_sigterm_of_one_instance_leaves_its_pending_jobs_to_the_others(cluster, 
     leftovers.append(read_pid(tmp_path / f"{waiting}.pid"))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_instances_can_share_one_port(cluster):
-    port = free_port()
-    servers = cluster(LONG, 2, "--reuse-port", "--port", str(port))
+    # The first takes a free port itself, so that no other process can take it between a probe and the bind.
+    [first] = cluster(LONG, 1, "--reuse-port")
+    port = first.port
+    servers = [first, *cluster(LONG, 1, "--reuse-port", "--port", str(port))]
     assert {server.port for server in servers} == {port}
     for _ in range(60):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
