@@ -646,7 +646,8 @@ def test_a_worker_that_a_trigger_counts_on_leaves_hints_to_the_others(make_app):
     client = make_app(LIMITED.replace("max_concurrent = 1\n", ""), WORKERS=1)
     site = client.app.extensions["jobserver"]
     runner, store = site.runner, site.store
-    wait_for(lambda: runner.idle == 1, what="the worker to wait for work")
+    # idle, and past the hint the runner gives its workers at start (else it would claim on it meanwhile)
+    wait_for(lambda: runner.idle == 1 and runner.hints == 0, what="the worker to wait for work")
     inside, go, claimed = server_module.threading.Event(), server_module.threading.Event(), \
         server_module.threading.Event()
     insert_started_job, claim_job = store.insert_started_job, store.claim_job

@@ -146,6 +146,35 @@ def test_a_job_triggered_into_an_empty_queue_can_be_committed_claimed(store, dat
     assert not started and store.job_status(third) == "Pending", "not for an instance whose lease ran out"
 
 
+def test_a_job_can_end_and_its_worker_claim_the_next_in_one_write(store, database, instance):
+    """finish_job_and_claim (one statement on PostgreSQL, for the end of an unlimited template's job): the
+    end stores and tells what finish_job does, and the claim takes the oldest job that may start."""
+    t, limited = template(store), template(store, "limited", max_concurrent=1)
+    busy, held = store.insert_job(limited, {}), store.insert_job(limited, {})
+    ending, later = store.insert_job(t, {}), store.insert_job(t, {"Word": "next"})
+    assert [store.claim_job(instance).id for _ in range(2)] == [busy, ending]
+    store.events.clear()
+    owned, claim = store.finish_job_and_claim(ending, instance, "Succeeded", 0, [("INFO", "done")])
+    assert owned and claim == server_module.Claim(later, t.version, {"Word": "next"}, False), "held waits"
+    assert store.events == [server_module.StoreEvent("job", ending, server_module.Progress("Succeeded", 1))]
+    assert query(database, "SELECT seq, level, message FROM logs WHERE job_id = ?", ending) == [(0, "INFO", "done")]
+    assert query(database, "SELECT id, status, owner FROM jobs ORDER BY id") == [
+        (busy, "Executing", instance), (held, "Pending", None), (ending, "Succeeded", instance),
+        (later, "Executing", instance)]
+    # Not this instance's job any more: nothing of the end is stored or told, and the claim is made all the same.
+    assert store.finish_job(busy, instance, "Succeeded", 0, [])
+    store.events.clear()
+    owned, claim = store.finish_job_and_claim(ending, instance, "Error", 1, [("ERROR", "late")])
+    assert not owned and claim.id == held and not store.events
+    assert query(database, "SELECT count(*) FROM logs WHERE job_id = ?", ending) == [(1,)]
+    assert store.job_status(ending) == "Succeeded"
+    statements, run = [], store._run
+    store._run = lambda db, statement, *rest: statements.append(statement) or run(db, statement, *rest)
+    assert store.finish_job_and_claim(later, instance, "Succeeded", 0, []) == (True, None), "none left"
+    if database.startswith("postgresql:"):
+        assert len(statements) == 1, "one round trip"
+
+
 def test_the_database_refuses_two_executing_jobs_in_one_slot(store, database, instance):
     """max_concurrent is enforced by a unique index, not by a count two instances could read at once."""
     limited = template(store, "limited", max_concurrent=1)
