@@ -3301,13 +3301,16 @@ class JobRunner:
         self.watch.close()
         with self.lock:
             self.lock.notify_all()
+        # Each worker stops once it has run what it claimed (a job claimed just before, not yet in `running`,
+        # or with its last job's end), so the grace waits for the workers, not for `running` to be empty.
+        workers = [thread for thread in self.threads if thread.name.startswith("job-worker")]
         deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline and not self.hurry.is_set():
+        while (any(thread.is_alive() for thread in workers) and time.monotonic() < deadline
+               and not self.hurry.is_set()):
             time.sleep(0.05)
         self.stop_all("Server stopped while the job ran; it was killed", cause="shutdown")
-        for thread in self.threads:
-            if thread.name.startswith("job-worker"):
-                thread.join(timeout=10)
+        for thread in workers:
+            thread.join(timeout=10)
         self.stopped.set()
         self.group_notes.close()
         for thread in self.threads:

@@ -674,6 +674,32 @@ def test_a_worker_that_a_trigger_counts_on_leaves_hints_to_the_others(make_app):
     assert final_status(client, str(submitted[0])) == "Succeeded"
 
 
+def test_shutdown_gives_its_grace_to_a_job_claimed_just_before_and_not_yet_started(make_app, tmp_path):
+    """The grace waits for the workers, not only for the jobs already running: a job claimed just before the
+    shutdown (held here where a worker loads its template version) still gets the grace, then is killed."""
+    client = make_app('[long]\n[[long.steps]]\nrun = "sleep 30"\n', WORKERS=1)
+    site = client.app.extensions["jobserver"]
+    runner, version = site.runner, site.catalog.version
+    claimed, go = server_module.threading.Event(), server_module.threading.Event()
+
+    def held_version(number):
+        claimed.set()
+        go.wait(10)
+        return version(number)
+
+    site.catalog.version = held_version
+    token = trigger(client, "long")
+    assert claimed.wait(10) and not runner.running, "claimed, not yet running"
+    stopping = server_module.threading.Thread(target=server_module.shutdown_app, args=(client.app, 1.0))
+    stopping.start()
+    wait_for(lambda: runner.stopping.is_set(), what="the shutdown to begin")
+    go.set()
+    stopping.join(20)
+    assert not stopping.is_alive()
+    rows = query(client, "SELECT status FROM jobs WHERE id = ?", int(token))
+    assert rows == [("Error",)], "the job ran in the grace and was killed at its end, not left running"
+
+
 def test_process_groups_are_written_by_a_thread_of_their_own_and_retried(monkeypatch):
     """A step that ended before the writer's turn needs no note; a failed write is tried again."""
     written, failures = [], [server_module.StoreError("down")]
