@@ -2193,8 +2193,9 @@ class PostgresStore(JobStore):
         entries = list(entries)
 
         def finish_and_claim(db):
-            return self._run(db, self.FINISH_AND_CLAIM, (instance, instance, status, job_id, instance,
-                                                         *self._entry_values(job_id, first_seq, entries))).fetchone()
+            claim = (instance, instance)
+            end = (status, job_id, instance, *self._entry_values(job_id, first_seq, entries))
+            return self._run(db, self.FINISH_AND_CLAIM, claim + end).fetchone()
 
         try:
             row = self._write(finish_and_claim, lambda row: self._finish_events(

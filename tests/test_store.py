@@ -157,7 +157,8 @@ def test_a_job_can_end_and_its_worker_claim_the_next_in_one_write(store, databas
     owned, claim = store.finish_job_and_claim(ending, instance, "Succeeded", 0, [("INFO", "done")])
     assert owned and claim == server_module.Claim(later, t.version, {"Word": "next"}, False), "held waits"
     assert store.events == [server_module.StoreEvent("job", ending, server_module.Progress("Succeeded", 1))]
-    assert query(database, "SELECT seq, level, message FROM logs WHERE job_id = ?", ending) == [(0, "INFO", "done")]
+    entries = query(database, "SELECT seq, level, message FROM logs WHERE job_id = ?", ending)
+    assert entries == [(0, "INFO", "done")]
     assert query(database, "SELECT id, status, owner FROM jobs ORDER BY id") == [
         (busy, "Executing", instance), (held, "Pending", None), (ending, "Succeeded", instance),
         (later, "Executing", instance)]
