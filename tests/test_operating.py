@@ -259,7 +259,11 @@ def test_metrics_count_what_ran(make_app):
     client.get("/api/jobs/status", {"token": tokens[-1], "key": "wrong"}, status=403)
     client.get("/api/jobs/trigger", {"template": "hello"}, headers={"Sec-Fetch-Site": "cross-site"}, status=403)
     client.get("/api/jobs/trigger", {"template": "hello"}, headers={"Host": "evil.example"}, status=403)
-    samples = metrics_of(client)
+    def counted(samples):  # a job's end is told to its waiters once committed; its worker counts it just after
+        ends = sum(value for (name, _), value in samples.items() if name == "jobserver_jobs_finished_total")
+        return ends == len(tokens) and samples[("jobserver_jobs_executing", ())] == 0 and samples
+
+    samples = wait_for(lambda: counted(metrics_of(client)), what="the jobs' ends to be counted")
     text = client.get("/metrics").text
     assert SECRET not in text and KEY not in text
 
