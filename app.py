@@ -2126,15 +2126,9 @@ class PostgresStore(JobStore):
                    [value for payload in payloads for value in (self.CHANNEL, payload)])
 
     def _insert_logs(self, db, job_id: int, first_seq: int, entries: list[tuple[str, str]]) -> None:
-        if not entries:
-            return
-        # One statement for the whole batch, its columns as arrays.
-        db.execute("INSERT INTO logs (job_id, seq, level, message)"
-                   " SELECT %s, first_seq + n - 1, level, message"
-                   " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS entry(level, message, n),"
-                   " (SELECT %s::integer AS first_seq) AS start"
-                   " ON CONFLICT (job_id, seq) DO NOTHING",  # see JobStore._insert_logs
-                   (job_id, [level for level, _ in entries], [message for _, message in entries], first_seq))
+        if entries:  # one statement for the whole batch, its columns as arrays
+            self._run(db, self.ENTRIES + " ON CONFLICT (job_id, seq) DO NOTHING",  # see JobStore._insert_logs
+                      self._entry_values(job_id, first_seq, entries))
 
     JOB_WRITES_ARE_ONE_STATEMENT = True
     # The new job's NOTIFY goes with its INSERT: a trigger is one round trip (see _announce).
@@ -2151,12 +2145,17 @@ class PostgresStore(JobStore):
     def _insert_started_statement(self) -> str:
         return self.INSERT_STARTED_JOB if self.others_alive else JobStore.INSERT_STARTED_JOB
 
-    # A write's entries, as arrays, stored only if the statement's CTE {guard} has a row (see JobStore._insert_logs
-    # for ON CONFLICT); its parameters come from _entry_values.
-    GUARDED_ENTRIES = ("INSERT INTO logs (job_id, seq, level, message)"
-                       " SELECT ?, ?::integer + n - 1, level, message"
-                       " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)"
-                       " WHERE EXISTS (SELECT 1 FROM {guard}) ON CONFLICT (job_id, seq) DO NOTHING")
+    # A write's entries, their columns as arrays; its parameters come from _entry_values. GUARDED_ENTRIES stores
+    # them only if the statement's CTE {guard} has a row (see JobStore._insert_logs for ON CONFLICT).
+    ENTRIES = ("INSERT INTO logs (job_id, seq, level, message)"
+               " SELECT ?, ?::integer + n - 1, level, message"
+               " FROM unnest(?::text[], ?::text[]) WITH ORDINALITY AS e(level, message, n)")
+    GUARDED_ENTRIES = ENTRIES + " WHERE EXISTS (SELECT 1 FROM {guard}) ON CONFLICT (job_id, seq) DO NOTHING"
+    # A job's end: its final status if this instance owns it (`done`, with its slot), and its last entries.
+    # Parameters: status, job id, instance, then _entry_values.
+    FINISH = ("done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
+              " WHERE " + OWNED + " RETURNING slot),"
+              " entry AS (" + GUARDED_ENTRIES.format(guard="done") + ")")
 
     @staticmethod
     def _entry_values(job_id: int, first_seq: int, entries) -> tuple:
@@ -2172,19 +2171,13 @@ class PostgresStore(JobStore):
 
     def _finish(self, db, job_id: int, instance: str, status: str, first_seq: int, entries) -> tuple | None:
         # One statement: the entries go in only if the UPDATE found the job this instance's.
-        return self._run(db, "WITH done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
-                             " WHERE " + OWNED + " RETURNING slot),"
-                             " entry AS (" + self.GUARDED_ENTRIES.format(guard="done") + ")"
-                             " SELECT slot FROM done",
+        return self._run(db, "WITH " + self.FINISH + " SELECT slot FROM done",
                          (status, job_id, instance, *self._entry_values(job_id, first_seq, entries))).fetchone()
 
     # A worker's end of its job and its claim of the next, one statement: one round trip and one commit fewer
     # a job under load. Both UPDATEs see one snapshot, in which a slot the end frees is not yet free: the runner
     # uses it at the end of an unlimited template's job only.
-    FINISH_AND_CLAIM = (CLAIM_CANDIDATES + ", claimed AS (" + CLAIM_UPDATE + "),"
-                        " done AS (UPDATE jobs SET status = ?, finished_at = {now}, secrets = NULL"
-                        " WHERE " + OWNED + " RETURNING slot),"
-                        " entry AS (" + GUARDED_ENTRIES.format(guard="done") + ")"
+    FINISH_AND_CLAIM = (CLAIM_CANDIDATES + ", claimed AS (" + CLAIM_UPDATE + "), " + FINISH +
                         " SELECT EXISTS (SELECT 1 FROM done), (SELECT slot FROM done), c.id, c.template_version,"
                         " c.variables, c.secrets, c.more FROM (SELECT 1) AS one LEFT JOIN claimed c ON true")
 
