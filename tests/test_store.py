@@ -258,6 +258,21 @@ def test_a_transaction_left_open_by_a_stopped_instance_frees_its_rows_after_a_qu
         store.close()
 
 
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_the_pool_lends_the_connection_returned_last(store):
+    """So that the backends the load needs stay warm (see recent_first_pool_class). This fails if a later
+    psycopg_pool no longer has what the pool class turns."""
+    for returned_last in (0, 1, 2, 0):
+        lends = [store._lend() for _ in range(3)]
+        connections = [lend.__enter__() for lend in lends]
+        order = [n for n in range(3) if n != returned_last] + [returned_last]
+        for n in order:
+            lends[n].__exit__(None, None, None)
+        with store._lend() as db:
+            assert db is connections[returned_last]
+        assert store.pool.get_stats()["pool_size"] == 3, "no connection was added or lost"
+
+
 def test_a_lease_renews_until_it_has_run_out(store, database, instance):
     assert store.renew_lease(instance, 60)
     query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
