@@ -110,6 +110,16 @@ Fifo = { required = true }
 log = "waiting"
 [[gated.steps]]
 run = 'read line < "$Fifo"; echo "got $line"'
+
+[keyed]
+key = "k3y"
+timeout = 30
+[keyed.variables]
+Fifo = { required = true }
+[[keyed.steps]]
+log = "waiting"
+[[keyed.steps]]
+run = 'read line < "$Fifo"; echo "got $line"'
 '''
 
 
@@ -675,6 +685,32 @@ def test_logs_of_a_running_job(shared, tmp_path):
     assert response.text == "INFO: got go\n"
     assert response.headers["X-Log-Offset"] == "2"
     assert response.headers["X-Job-Complete"] == "true"
+
+
+def test_a_job_running_here_is_answered_without_a_read_and_its_key_still_checked(shared, tmp_path, monkeypatch):
+    """The instance running a job knows its status, entries and key (JobRunner.running_job): a client that
+    triggers and waits costs one read less. Once the job ends, the store answers again."""
+    fifo = make_fifo(tmp_path, "gate")
+    token = trigger(shared, "keyed", key="k3y", Fifo=str(fifo))
+    wait_for(lambda: logs_of(shared, token, key="k3y") == "INFO: waiting\n", what="the keyed job to start")
+    store, reads = shared.app.extensions["jobserver"].store, []
+    read = store.get_job
+    monkeypatch.setattr(store, "get_job", lambda job_id: reads.append(job_id) or read(job_id))
+    assert status_of(shared, token, key="k3y") == "Executing"
+    response = call(shared, "GET", "/api/jobs/logs", {"token": token, "key": "k3y"})
+    assert (response.text, response.headers["X-Log-Offset"], response.headers["X-Job-Complete"]) == (
+        "INFO: waiting\n", "1", "false")
+    for key in ("wrong", "", None, "K3Y"):
+        call(shared, "GET", "/api/jobs/status", {"token": token, "key": key}, status=403)
+    assert reads == [], "a job running here needs no read"
+
+    release(fifo)
+    assert final_status(shared, token, key="k3y") == "Succeeded"
+    assert status_of(shared, token, key="k3y") == "Succeeded"
+    assert reads, "the store says what an ended job is"
+    response = call(shared, "GET", "/api/jobs/logs", {"token": token, "key": "k3y", "offset": "1"})
+    assert (response.text, response.headers["X-Log-Offset"], response.headers["X-Job-Complete"]) == (
+        "INFO: got go\n", "2", "true")
 
 
 #
