@@ -69,7 +69,7 @@ STATUS_BY_WORST_LEVEL = {"DEBUG": SUCCEEDED, "INFO": SUCCEEDED, "WARN": WARNING,
 API_PARAMETERS = ("template", "key", "token")  # reserved as variable names everywhere
 TRIGGER_PARAMETERS = ("template", "key")  # what trigger reads; any other parameter is a variable
 JOB_PARAMETERS = ("token", "key")  # what status, logs and cancel read
-BUILTIN_VARIABLES = ("JobToken", "TemplateName")
+BUILTIN_VARIABLES = ("JobToken", "TemplateName", "JobInstance")
 BUILTIN_NAMES = frozenset(name.lower() for name in BUILTIN_VARIABLES)
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
 # $Name, ${Name}, or $$ for a literal dollar sign.
@@ -1436,19 +1436,10 @@ class JobStore:
         except StoreError:
             return owned, None  # the worker looks again, as after any end
 
-    def note_process_groups(self, groups: dict[int, int]) -> None:
-        """The process groups the steps of these jobs run in ({job id: group}), so that an instance on the same
-        host can kill them if this one dies. One statement for them all, into a table of their own: the job's
-        row is neither locked nor rewritten (a job's end does not wait for its note)."""
-        rows = ", ".join(["(?, ?)"] * len(groups))
-        self._write(lambda db: self._run(
-            db, f"INSERT INTO process_groups (job_id, process_group) VALUES {rows}"
-                " ON CONFLICT (job_id) DO UPDATE SET process_group = excluded.process_group",
-            [value for job_id, group in groups.items() for value in (job_id, group)]), single=True)
-
     def forget_process_groups(self) -> None:
-        """Delete the notes of jobs no longer Executing (a job's end leaves its note, which may still be on its
-        way)."""
+        """Delete the notes of jobs no longer Executing. The process groups of running steps were noted by
+        earlier versions of app.py (this one finds a dead instance's processes by their environment: see
+        kill_processes_of); an instance of such a version may still share the database."""
         self._write(lambda db: self._run(
             db, "DELETE FROM process_groups WHERE NOT EXISTS (SELECT 1 FROM jobs j"
                 " WHERE j.id = process_groups.job_id AND j.status = 'Executing')"))
@@ -1583,7 +1574,7 @@ class JobStore:
                                          (instance,)))
 
     def orphaned_jobs(self) -> list[tuple[int, str | None, int | None, str | None]]:
-        """(id, owner, process group, owner's boot id) of the Executing jobs
+        """(id, owner, process group noted by an earlier app.py, owner's boot id) of the Executing jobs
         whose instance's lease ran out."""
         return self._all(
             "SELECT j.id, j.owner, coalesce(g.process_group, j.process_group), i.boot_id FROM jobs j"
@@ -2548,7 +2539,7 @@ class JobExecution:
         self.job_id = claim.id
         self.variables = claim.variables
         self.values = {name.lower(): value for name, value in claim.variables.items()}  # for substitution
-        self.values.update(jobtoken=str(claim.id), templatename=template.name)
+        self.values.update(jobtoken=str(claim.id), templatename=template.name, jobinstance=owner)
         self.masker = Masker(claim.variables.get(name) for name in template.secret_names)
         self.started = time.monotonic()
         self.seq = 0  # of the next entry to store
@@ -2700,11 +2691,14 @@ class JobExecution:
         return True
 
     def environment(self, step: Step) -> dict[str, str]:
-        """A minimal base, the job's variables and built-ins, then the step's fixed env."""
+        """A minimal base, the job's variables and built-ins, then the step's fixed env; last, the instance
+        running the job, by which another instance on this machine finds its processes should this one die
+        (kill_processes_of)."""
         env = {"PATH": BASE_PATH, "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8"}
         env.update(self.variables)
         env.update(JobToken=str(self.job_id), TemplateName=self.template.name)
         env.update(step.env)
+        env.update(JobInstance=self.owner)
         return env
 
     def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
@@ -2722,11 +2716,9 @@ class JobExecution:
         self.process = process
         if self.stop_reason:  # a stop that came while the process was starting
             self.request_stop(self.stop_reason, self.stop_graceful, self.stop_cause)
-        self.runner.group_notes.note(self.job_id, process.pid)
         try:
             return self.supervise(process, step, deadline, why)
         finally:
-            self.runner.group_notes.forget(self.job_id)
             self.process = None  # no more signals from other threads: the pid is about to be reaped
             signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet: the group id is ours
             process.wait()
@@ -2935,63 +2927,36 @@ def process_exit_code(process: subprocess.Popen) -> int:
     return 128 + result.si_status
 
 
-def kill_orphaned_group(group: int, job_id: int) -> None:
-    """Kill the process group a dead instance left running for a job, if it is still that job's (its leader's
-    environment names the job), so that a reused pid is never signalled."""
+def kill_processes_of(instances: set[str]) -> None:
+    """Kill every process group on this machine in which a process of these instances' jobs runs: one whose
+    environment, as it was started, names one of them (JobExecution.environment). It needs no note of the
+    groups, so a step is found from its first instruction, and its group also once its leader has gone."""
+    if not instances:
+        return
+    markers = {b"JobInstance=" + instance.encode() for instance in instances}
+    groups = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if markers.isdisjoint(Path(entry.path, "environ").read_bytes().split(b"\0")):
+                continue
+            groups.add(int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]))  # its pgrp
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not this user's
+    for group in groups - {0, 1, os.getpgrp()}:
+        signal_group(group, signal.SIGKILL)
+
+
+def kill_noted_group(group: int, job_id: int) -> None:
+    """Kill the process group that an earlier app.py noted for a job (process_groups), if it is still that
+    job's (its leader's environment names the job), so that a reused pid is never signalled."""
     try:
         environ = Path(f"/proc/{group}/environ").read_bytes()
     except OSError:
         return
     if b"\0JobToken=%d\0" % job_id in b"\0" + environ:
         signal_group(group, signal.SIGKILL)
-
-
-class GroupNotes:
-    """The process groups of the steps running now, written to the store by a thread of its own, so that no
-    worker waits for the write: whenever the thread is free, what came meanwhile goes in one statement, and a
-    step that ended before its turn needs none. Only an instance on this host that ends this one's jobs after
-    it died reads them (JobRunner.end_orphaned_jobs); while the store fails they wait and are tried again."""
-
-    RETRY_SECONDS = 1.0  # after a failed write
-
-    def __init__(self, store: JobStore):
-        self.store = store
-        self.waiting: dict[int, int] = {}  # job id: process group
-        self.ready = threading.Condition()
-        self.closed = False
-
-    def note(self, job_id: int, group: int) -> None:
-        with self.ready:
-            self.waiting[job_id] = group
-            self.ready.notify()
-
-    def forget(self, job_id: int) -> None:
-        with self.ready:
-            self.waiting.pop(job_id, None)
-
-    def write(self) -> None:
-        """The thread's loop, until close()."""
-        while True:
-            with self.ready:
-                while not self.waiting and not self.closed:
-                    self.ready.wait()
-                if self.closed:
-                    return
-                batch, self.waiting = self.waiting, {}
-            try:
-                self.store.note_process_groups(batch)
-            except StoreError:
-                with self.ready:
-                    for job_id, note in batch.items():
-                        self.waiting.setdefault(job_id, note)
-                    self.ready.wait(self.RETRY_SECONDS)  # the store's own event tells the operator
-            except Exception:
-                traceback.print_exc()
-
-    def close(self) -> None:
-        with self.ready:
-            self.closed = True
-            self.ready.notify()
 
 
 class JobRunner:
@@ -3022,7 +2987,6 @@ class JobRunner:
         self.lease_renewed = time.monotonic()
         self.lease_lapsing = False  # this instance stopped its jobs because it could not renew its lease
         self.pending_count, self.pending_read_at = 0, float("-inf")
-        self.group_notes = GroupNotes(store)
 
     def start(self) -> None:
         """Register this instance, end what dead instances left Executing,
@@ -3033,7 +2997,6 @@ class JobRunner:
             self._thread(self._work, f"job-worker-{number}")
         self._thread(self._heartbeat, "heartbeat")
         self._thread(self._lease_watchdog, "lease-watchdog")
-        self._thread(self.group_notes.write, "group-notes")
         self.hint(self.settings.workers)
 
     def _thread(self, target, name: str) -> None:
@@ -3289,10 +3252,11 @@ class JobRunner:
     def end_orphaned_jobs(self) -> None:
         """End in Error the Executing jobs of instances whose lease ran out, killing their processes where
         they ran on this machine."""
-        here = boot_id()
-        for job_id, owner, group, owner_boot in self.store.orphaned_jobs():
+        here, orphans = boot_id(), self.store.orphaned_jobs()
+        kill_processes_of({owner for _, owner, _, owner_boot in orphans if owner and owner_boot in (here, None)})
+        for job_id, owner, group, owner_boot in orphans:
             if group and owner_boot in (here, None):
-                kill_orphaned_group(group, job_id)
+                kill_noted_group(group, job_id)
             message = (f"The server stopped while the job ran (instance {owner} stopped renewing its lease);"
                        f" the job was ended")
             if ended := self.store.end_orphaned_job(job_id, owner, message):
@@ -3345,7 +3309,6 @@ class JobRunner:
         for thread in workers:
             thread.join(timeout=10)
         self.stopped.set()
-        self.group_notes.close()
         for thread in self.threads:
             thread.join(timeout=10)
         if not self.running:

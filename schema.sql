@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     template         TEXT NOT NULL,
     status           TEXT NOT NULL CHECK (status IN ('Pending', 'Executing', 'Succeeded', 'Warning', 'Error')),
     variables        TEXT NOT NULL,        -- JSON object; a secret variable is named here with a null value
-    process_group    INTEGER,              -- no longer written (see process_groups); kept for older versions
+    process_group    INTEGER,              -- no longer written (see process_groups); read for older versions
     created_at       REAL NOT NULL,        -- seconds since the epoch, by the database's clock
     started_at       REAL,
     finished_at      REAL,
@@ -47,9 +47,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_running_slots ON jobs (template, slot)
     WHERE status = 'Executing' AND slot IS NOT NULL;
 DROP INDEX IF EXISTS jobs_unfinished;  -- of the first schema: jobs_by_status serves its queries
 
--- The process group of each job's running step, so that an instance on the same host can kill it if the
--- instance running the job dies. A table of its own, so that noting it neither locks nor rewrites the job's
--- row. A job's end leaves its note; each instance's sweep deletes those of jobs no longer Executing.
+-- The process group of each job's running step, as earlier versions of app.py noted it so that an instance
+-- on the same host could kill it if the instance running the job died. No longer written: an instance now
+-- finds a dead one's processes by the JobInstance in their environment. Still read, and each instance's
+-- sweep deletes the notes of jobs no longer Executing, while an instance of an earlier version may share
+-- the database.
 CREATE TABLE IF NOT EXISTS process_groups (
     job_id        INTEGER PRIMARY KEY,
     process_group INTEGER NOT NULL

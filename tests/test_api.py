@@ -77,7 +77,7 @@ run = 'echo "Extra=${Extra-unset} extra=${extra-unset}"'
 [[builtins.steps]]
 log = "log: $JobToken $TemplateName"
 [[builtins.steps]]
-run = 'echo "run: $JobToken $TemplateName"'
+run = 'echo "run: $JobToken $TemplateName $JobInstance"'
 [[builtins.steps]]
 exec = ["echo", "exec: ${JobToken}", "$templatename"]
 
@@ -479,7 +479,9 @@ def test_form_content_type_with_charset_is_accepted(shared):
 def test_builtin_variables(shared):
     token, status, logs = run_job(shared, "builtins")
     assert status == "Succeeded"
-    assert logs == f"INFO: log: {token} builtins\nINFO: run: {token} builtins\nINFO: exec: {token} builtins\n"
+    instance = shared.app.extensions["jobserver"].runner.instance
+    assert logs == (f"INFO: log: {token} builtins\nINFO: run: {token} builtins {instance}\n"
+                    f"INFO: exec: {token} builtins\n")
 
 
 @pytest.mark.parametrize("variables, expected", [

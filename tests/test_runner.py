@@ -6,15 +6,19 @@ the log budget, max_concurrent and the queue, and the template version a job kee
 What needs a real server (timeouts, leftover processes, cancel with signals, restarts) is in test_server.py."""
 
 import json
+import os
 import re
+import signal
+import subprocess
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import app as server_module
-from conftest import (FINAL, call, fifo_has_reader, final_status, logs_of, make_fifo, module_app, query, release,
-                      run_job, status_of, stop_app, store_database, stored_variables, trigger, wait_for)
+from conftest import (FINAL, alive, assert_gone, call, fifo_has_reader, final_status, logs_of, make_fifo, module_app,
+                      query, release, run_job, status_of, stop_app, store_database, stored_variables, trigger,
+                      wait_for)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -180,10 +184,12 @@ def test_the_step_environment_is_minimal(make_app, monkeypatch):
     lines = [line.removeprefix("INFO: ") for line in logs.splitlines()]
     assert lines[-1] == "leak=unset extra=unset target=t2"  # a step's env is its own
     environment = dict(line.split("=", 1) for line in lines[:-1])
-    assert set(environment) == {"PATH", "HOME", "LANG", "Target", "JobToken", "TemplateName", "STEP_EXTRA", "NUMBER"}
+    assert set(environment) == {"PATH", "HOME", "LANG", "Target", "JobToken", "TemplateName", "JobInstance",
+                                "STEP_EXTRA", "NUMBER"}
     assert environment["PATH"] and environment["HOME"] and environment["LANG"]
     assert environment["Target"] == "t2"
     assert environment["JobToken"] == token and environment["TemplateName"] == "envcheck"
+    assert environment["JobInstance"] == client.app.extensions["jobserver"].runner.instance
     assert environment["STEP_EXTRA"] == "from-step" and environment["NUMBER"] == "5"
 
 
@@ -700,31 +706,32 @@ def test_shutdown_gives_its_grace_to_a_job_claimed_just_before_and_not_yet_start
     assert rows == [("Error",)], "the job ran in the grace and was killed at its end, not left running"
 
 
-def test_process_groups_are_written_by_a_thread_of_their_own_and_retried(monkeypatch):
-    """A step that ended before the writer's turn needs no note; a failed write is tried again."""
-    written, failures = [], [server_module.StoreError("down")]
+def test_a_dead_instances_processes_are_found_by_their_environment_and_killed(leftovers):
+    """kill_processes_of: every process group in which a process started for the instance runs, whatever
+    became of the group's leader, and a group that one of its processes made of its own; never another
+    instance's."""
+    def started(instance, script):
+        step = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True,
+                                env={"PATH": server_module.BASE_PATH, "JobInstance": instance})
+        with step.stdout:
+            pid = int(step.stdout.readline())
+        leftovers.extend([step.pid, pid])
+        return step, pid
 
-    class Store:
-        def note_process_groups(self, groups):
-            if failures:
-                raise failures.pop()
-            written.append(dict(groups))
+    step, child = started("dead", "sleep 300 & echo $!; wait")
+    led_by_none, orphan = started("dead", "sleep 300 & echo $!")  # the leader exits, its child goes on
+    assert led_by_none.wait(5) == 0
+    own_session, detached = started("dead", "setsid sleep 300 & echo $!; wait")
+    other, others_child = started("alive", "sleep 300 & echo $!; wait")
+    wait_for(lambda: os.getsid(detached) == detached, what="the setsid child in a session of its own")
 
-    notes = server_module.GroupNotes(Store())
-    notes.RETRY_SECONDS = 0.05
-    notes.note(1, 101)
-    notes.note(2, 102)
-    notes.forget(1)
-    thread = server_module.threading.Thread(target=notes.write, daemon=True)
-    thread.start()
-    wait_for(lambda: written, what="the retried write")
-    assert written == [{2: 102}] and not failures
-    notes.note(3, 103)
-    wait_for(lambda: len(written) == 2, what="the next write")
-    assert written[1] == {3: 103}
-    notes.close()
-    thread.join(5)
-    assert not thread.is_alive()
+    server_module.kill_processes_of({"dead"})
+    assert step.wait(5) == -signal.SIGKILL
+    assert_gone(child, orphan, detached)
+    assert own_session.wait(5) == -signal.SIGKILL
+    assert alive(other.pid) and alive(others_child), "another instance's step goes on"
+    os.killpg(other.pid, signal.SIGKILL)
+    other.wait(5)
 
 
 def test_a_full_queue_is_503(make_app, tmp_path):

@@ -284,7 +284,8 @@ def test_the_jobs_of_an_instance_whose_lease_ran_out_are_ended_and_free_their_sl
     running, waiting = store.insert_job(limited, {}), store.insert_job(limited, {})
     store.claim_job(instance)
     store.append_logs(running, instance, 0, [("INFO", "started")])
-    store.note_process_groups({running: 4242})
+    noted_by_an_earlier_version = "INSERT INTO process_groups (job_id, process_group) VALUES (?, ?)"
+    query(database, noted_by_an_earlier_version, running, 4242)
     assert store.orphaned_jobs() == []
     query(database, "UPDATE instances SET lease_until = 0 WHERE id = ?", instance)
     [(job_id, owner, group, _boot)] = store.orphaned_jobs()
@@ -296,7 +297,7 @@ def test_the_jobs_of_an_instance_whose_lease_ran_out_are_ended_and_free_their_sl
         (0, "INFO", "started"), (1, "ERROR", "it stopped")]
     assert store.job_status(running) == "Error"
     assert store.claim_job("instance-b").id == waiting, "its slot is free again"
-    store.note_process_groups({waiting: 4343})
+    query(database, noted_by_an_earlier_version, waiting, 4343)
     store.forget_process_groups()
     assert query(database, "SELECT job_id, process_group FROM process_groups") == [(waiting, 4343)], \
         "the sweep forgets the notes of jobs no longer Executing"
