@@ -2927,19 +2927,22 @@ def process_exit_code(process: subprocess.Popen) -> int:
     return 128 + result.si_status
 
 
-def kill_processes_of(instances: set[str]) -> None:
-    """Kill every process group on this machine in which a process of these instances' jobs runs: one whose
-    environment, as it was started, names one of them (JobExecution.environment). It needs no note of the
-    groups, so a step is found from its first instruction, and its group also once its leader has gone."""
-    if not instances:
-        return
-    markers = {b"JobInstance=" + instance.encode() for instance in instances}
+def kill_processes_of(jobs: set[tuple[int, str]]) -> None:
+    """Kill every process group on this machine in which a process of these jobs runs, given as (job id,
+    instance) pairs: a process whose environment, as it was started, names both (JobToken, and JobInstance,
+    which JobExecution.environment sets last). No note of the groups is needed, so a step is found from its
+    first instruction, and its group also once its leader has gone. A process that a finished job left
+    running (a daemon it started) names another job, and is left alone."""
+    wanted: dict[bytes, set[bytes]] = {}
+    for job_id, instance in jobs:
+        wanted.setdefault(b"JobInstance=" + instance.encode(), set()).add(b"JobToken=%d" % job_id)
     groups = set()
-    for entry in os.scandir("/proc"):
+    for entry in os.scandir("/proc") if wanted else ():
         if not entry.name.isdigit():
             continue
         try:
-            if markers.isdisjoint(Path(entry.path, "environ").read_bytes().split(b"\0")):
+            names = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
+            if not any(names & tokens for instance, tokens in wanted.items() if instance in names):
                 continue
             groups.add(int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]))  # its pgrp
         except (OSError, ValueError, IndexError):
@@ -3181,9 +3184,13 @@ class JobRunner:
         committed so) until its final status is being stored, with the entries stored so far. None when the
         store must say: a job not running here, one that is ending, one whose lease may have run out."""
         execution = self.running.get(job_id)
-        if execution is None or execution.ending or execution.disowned or self.lease_lapsing:
-            return None
+        if (execution is None or execution.ending or execution.disowned or execution.unstored is not None
+                or execution.owner != self.instance or self.lease_lapsing
+                or time.monotonic() - self.lease_renewed > self.settings.lease / 2):
+            return None  # ending, ended elsewhere, a write's outcome unknown, or the lease in doubt
         template, known = execution.template, self.watch.known(job_id)
+        if known is not None and known.status in FINAL_STATUSES:
+            return None  # another instance ended it (the watch's re-read heard), and this one has not yet seen
         count = max(execution.seq, known.count if known else 0)  # the watch hears of a write before seq moves
         return JobRecord(job_id, template.name, template.version, EXECUTING, template.key_digest, count)
 
@@ -3253,7 +3260,11 @@ class JobRunner:
         """End in Error the Executing jobs of instances whose lease ran out, killing their processes where
         they ran on this machine."""
         here, orphans = boot_id(), self.store.orphaned_jobs()
-        kill_processes_of({owner for _, owner, _, owner_boot in orphans if owner and owner_boot in (here, None)})
+        local = {(job_id, owner) for job_id, owner, _, owner_boot in orphans if owner and owner_boot in (here, None)}
+        if local:
+            # Reading a process's environment waits for a process stuck in the kernel: the lease must not.
+            killing = BackgroundCall(lambda: kill_processes_of(local), "kill-orphans")
+            killing.done.wait(self.settings.lease / 10)
         for job_id, owner, group, owner_boot in orphans:
             if group and owner_boot in (here, None):
                 kill_noted_group(group, job_id)

@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import subprocess
+import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -706,32 +708,60 @@ def test_shutdown_gives_its_grace_to_a_job_claimed_just_before_and_not_yet_start
     assert rows == [("Error",)], "the job ran in the grace and was killed at its end, not left running"
 
 
+@pytest.mark.parametrize("doubt", ["ending", "disowned", "unstored", "old identity", "lapsing", "unrenewed",
+                                   "ended elsewhere"])
+def test_a_running_job_is_answered_from_memory_only_while_nothing_is_in_doubt(doubt):
+    """JobRunner.running_job: what the store would say of a job this instance runs, or None (then the store is
+    read) whenever the store may say otherwise."""
+    template = SimpleNamespace(name="t", version=3, key_digest="digest")
+    execution = SimpleNamespace(template=template, seq=2, ending=False, disowned=False, unstored=None, owner="i1")
+    runner = SimpleNamespace(running={5: execution}, instance="i1", lease_lapsing=False,
+                             watch=server_module.JobWatch(None), lease_renewed=time.monotonic(),
+                             settings=SimpleNamespace(lease=20))
+    running_job = server_module.JobRunner.running_job
+    assert running_job(runner, 5) == server_module.JobRecord(5, "t", 3, "Executing", "digest", 2)
+    assert running_job(runner, 6) is None
+    runner.watch.update(5, server_module.Progress("Executing", 4))  # a write heard of before the worker's seq moved
+    assert running_job(runner, 5).log_count == 4
+    if doubt == "ended elsewhere":
+        runner.watch.update(5, server_module.Progress("Error", 5))  # the watch's re-read found the store's end
+    else:
+        target, name, value = {
+            "ending": (execution, "ending", True), "disowned": (execution, "disowned", True),
+            "unstored": (execution, "unstored", "the store failed"), "old identity": (runner, "instance", "i2"),
+            "lapsing": (runner, "lease_lapsing", True),
+            "unrenewed": (runner, "lease_renewed", time.monotonic() - 11)}[doubt]
+        setattr(target, name, value)
+    assert running_job(runner, 5) is None
+
+
 def test_a_dead_instances_processes_are_found_by_their_environment_and_killed(leftovers):
-    """kill_processes_of: every process group in which a process started for the instance runs, whatever
-    became of the group's leader, and a group that one of its processes made of its own; never another
-    instance's."""
-    def started(instance, script):
+    """kill_processes_of: every process group in which a process of the given jobs of an instance runs,
+    whatever became of the group's leader, and a group that one of its processes made of its own; never
+    another job's, such as a daemon a finished job left, nor another instance's."""
+    def started(instance, job, script):
         step = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True,
-                                env={"PATH": server_module.BASE_PATH, "JobInstance": instance})
+                                env={"PATH": server_module.BASE_PATH, "JobToken": job, "JobInstance": instance})
         with step.stdout:
             pid = int(step.stdout.readline())
         leftovers.extend([step.pid, pid])
         return step, pid
 
-    step, child = started("dead", "sleep 300 & echo $!; wait")
-    led_by_none, orphan = started("dead", "sleep 300 & echo $!")  # the leader exits, its child goes on
+    step, child = started("dead", "7", "sleep 300 & echo $!; wait")
+    led_by_none, orphan = started("dead", "8", "sleep 300 & echo $!")  # the leader exits, its child goes on
     assert led_by_none.wait(5) == 0
-    own_session, detached = started("dead", "setsid sleep 300 & echo $!; wait")
-    other, others_child = started("alive", "sleep 300 & echo $!; wait")
+    own_session, detached = started("dead", "8", "setsid sleep 300 & echo $!; wait")
     wait_for(lambda: os.getsid(detached) == detached, what="the setsid child in a session of its own")
+    finished, daemon = started("dead", "6", "sleep 300 & echo $!; wait")  # a job that ended long ago
+    other, others_child = started("alive", "7", "sleep 300 & echo $!; wait")
 
-    server_module.kill_processes_of({"dead"})
-    assert step.wait(5) == -signal.SIGKILL
+    server_module.kill_processes_of({(7, "dead"), (8, "dead")})
+    assert step.wait(5) == -signal.SIGKILL and own_session.wait(5) == -signal.SIGKILL
     assert_gone(child, orphan, detached)
-    assert own_session.wait(5) == -signal.SIGKILL
-    assert alive(other.pid) and alive(others_child), "another instance's step goes on"
-    os.killpg(other.pid, signal.SIGKILL)
-    other.wait(5)
+    assert all(map(alive, (finished.pid, daemon, other.pid, others_child))), "other jobs' processes go on"
+    for survivor in (finished, other):
+        os.killpg(survivor.pid, signal.SIGKILL)
+        survivor.wait(5)
 
 
 def test_a_full_queue_is_503(make_app, tmp_path):
