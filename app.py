@@ -2691,14 +2691,13 @@ class JobExecution:
         return True
 
     def environment(self, step: Step) -> dict[str, str]:
-        """A minimal base, the job's variables and built-ins, then the step's fixed env; last, the instance
-        running the job, by which another instance on this machine finds its processes should this one die
-        (kill_processes_of)."""
+        """A minimal base, the job's variables, the step's fixed env, then the built-ins: last, since the job
+        and the instance running it are how another instance on this machine finds the job's processes
+        should this one die (kill_processes_of)."""
         env = {"PATH": BASE_PATH, "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8"}
         env.update(self.variables)
-        env.update(JobToken=str(self.job_id), TemplateName=self.template.name)
         env.update(step.env)
-        env.update(JobInstance=self.owner)
+        env.update(JobToken=str(self.job_id), TemplateName=self.template.name, JobInstance=self.owner)
         return env
 
     def run_process(self, step: Step, argv: list[str], deadline: float | None, why: str) -> int | None:
@@ -2936,7 +2935,7 @@ def kill_processes_of(jobs: set[tuple[int, str]]) -> None:
     wanted: dict[bytes, set[bytes]] = {}
     for job_id, instance in jobs:
         wanted.setdefault(b"JobInstance=" + instance.encode(), set()).add(b"JobToken=%d" % job_id)
-    groups = set()
+    killed = {0, 1, os.getpgrp()}
     for entry in os.scandir("/proc") if wanted else ():
         if not entry.name.isdigit():
             continue
@@ -2944,11 +2943,12 @@ def kill_processes_of(jobs: set[tuple[int, str]]) -> None:
             names = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
             if not any(names & tokens for instance, tokens in wanted.items() if instance in names):
                 continue
-            groups.add(int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]))  # its pgrp
+            group = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2])  # its pgrp
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not this user's
-    for group in groups - {0, 1, os.getpgrp()}:
-        signal_group(group, signal.SIGKILL)
+        if group not in killed:  # at once: the scan may yet wait on a process stuck in the kernel
+            signal_group(group, signal.SIGKILL)
+            killed.add(group)
 
 
 def kill_noted_group(group: int, job_id: int) -> None:
@@ -3260,14 +3260,19 @@ class JobRunner:
         """End in Error the Executing jobs of instances whose lease ran out, killing their processes where
         they ran on this machine."""
         here, orphans = boot_id(), self.store.orphaned_jobs()
-        local = {(job_id, owner) for job_id, owner, _, owner_boot in orphans if owner and owner_boot in (here, None)}
+        local = [(job_id, owner, group) for job_id, owner, group, owner_boot in orphans if owner_boot in (here, None)]
         if local:
+            def kill() -> None:
+                kill_processes_of({(job_id, owner) for job_id, owner, _ in local if owner})
+                for job_id, _, group in local:
+                    if group:
+                        kill_noted_group(group, job_id)
+
             # Reading a process's environment waits for a process stuck in the kernel: the lease must not.
-            killing = BackgroundCall(lambda: kill_processes_of(local), "kill-orphans")
-            killing.done.wait(self.settings.lease / 10)
-        for job_id, owner, group, owner_boot in orphans:
-            if group and owner_boot in (here, None):
-                kill_noted_group(group, job_id)
+            killing = BackgroundCall(kill, "kill-orphans")
+            if killing.done.wait(self.settings.lease / 10) and killing.error is not None:
+                traceback.print_exception(killing.error)
+        for job_id, owner, _, _ in orphans:
             message = (f"The server stopped while the job ran (instance {owner} stopped renewing its lease);"
                        f" the job was ended")
             if ended := self.store.end_orphaned_job(job_id, owner, message):

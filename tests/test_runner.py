@@ -177,7 +177,7 @@ def test_the_step_environment_is_minimal(make_app, monkeypatch):
         Target = "t1"
         [[envcheck.steps]]
         exec = ["env"]
-        env = { STEP_EXTRA = "from-step", NUMBER = 5 }
+        env = { STEP_EXTRA = "from-step", NUMBER = 5, JobToken = "0", JobInstance = "another" }
         [[envcheck.steps]]
         run = 'echo "leak=${API_TEST_SERVER_ONLY-unset} extra=${STEP_EXTRA-unset} target=$Target"'
     ''')
@@ -191,7 +191,8 @@ def test_the_step_environment_is_minimal(make_app, monkeypatch):
     assert environment["PATH"] and environment["HOME"] and environment["LANG"]
     assert environment["Target"] == "t2"
     assert environment["JobToken"] == token and environment["TemplateName"] == "envcheck"
-    assert environment["JobInstance"] == client.app.extensions["jobserver"].runner.instance
+    assert environment["JobInstance"] == client.app.extensions["jobserver"].runner.instance, \
+        "the built-ins come after the step's env: they name the job's processes (kill_processes_of)"
     assert environment["STEP_EXTRA"] == "from-step" and environment["NUMBER"] == "5"
 
 
