@@ -1955,9 +1955,9 @@ class PostgresStore(JobStore):
         # A transaction left open by an instance that stopped half-way (paused, or cut off) would hold its rows
         # from the instance that ends its jobs: PostgreSQL ends such a session after a quarter of the lease.
         self.idle_transaction_ms = max(1000, int(lease * 250))
-        self.pool = recent_first_pool_class()(url, min_size=min(2, connections), max_size=connections, open=False,
-                                   timeout=busy_timeout, kwargs={"autocommit": True}, name="jobserver",
-                                   check=self._check_if_idle, configure=self._configure)
+        self.pool = recent_first_pool_class()(
+            url, min_size=min(2, connections), max_size=connections, open=False, timeout=busy_timeout,
+            kwargs={"autocommit": True}, name="jobserver", check=self._check_if_idle, configure=self._configure)
         with self._errors():
             self._first_connection()
             self.pool.open(wait=True, timeout=busy_timeout)
